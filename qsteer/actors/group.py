@@ -1,0 +1,66 @@
+"""One role-agnostic group of Ray actor replicas (after OpenRLHF's RayActorGroup).
+
+A group declares its resources from config, restarts dead replicas (`max_restarts`) and retries
+their calls (`max_task_retries`); every method the workflows call is a pure function of its
+arguments and seeds, so a retried call cannot change or duplicate a result.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import ray
+
+
+class ActorGroup:
+    def __init__(
+        self,
+        actor_cls: type,
+        *,
+        role: str,
+        replicas: int = 1,
+        num_cpus: float = 1,
+        num_gpus: float = 0,
+        resources: dict[str, float] | None = None,
+        max_restarts: int = 2,
+        **init_kwargs: Any,
+    ) -> None:
+        if replicas < 1:
+            raise ValueError(f"{role}.replicas must be >= 1, got {replicas}")
+        remote_cls = ray.remote(actor_cls).options(
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            resources=resources or None,
+            max_restarts=max_restarts,
+            max_task_retries=max_restarts,
+            max_concurrency=1,
+        )
+        self.role = role
+        self.actors = [remote_cls.remote(**init_kwargs) for _ in range(replicas)]
+        self._in_flight: list[list[ray.ObjectRef]] = [[] for _ in self.actors]
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> ray.ObjectRef:
+        """Send one call to the replica with the fewest calls still running."""
+        with self._lock:
+            for refs in self._in_flight:
+                if refs:
+                    _, refs[:] = ray.wait(refs, num_returns=len(refs), timeout=0)
+            index = min(range(len(self.actors)), key=lambda i: len(self._in_flight[i]))
+            ref = getattr(self.actors[index], method).remote(*args, **kwargs)
+            self._in_flight[index].append(ref)
+        return ref
+
+    def get(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return ray.get(self.call(method, *args, **kwargs))
+
+    def call_all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        return ray.get([getattr(actor, method).remote(*args, **kwargs) for actor in self.actors])
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)

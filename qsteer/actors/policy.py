@@ -1,0 +1,41 @@
+"""The policy role: one engine per actor, served to workflows by token ids."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from qsteer.engines import Completion, SamplingParams, build_engine
+
+
+class PolicyActor:
+    def __init__(self, engine: str = "hf", num_threads: int | None = None, **engine_kwargs: Any) -> None:
+        # Ray pins OMP threads to the actor's num_cpus; an explicit count (or the node's cores
+        # shared among its replicas) lets a CPU actor use the whole machine.
+        self.engine = build_engine(engine, num_threads=num_threads, **engine_kwargs)
+        self.calls = 0
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "context_length": self.engine.context_length,
+            "eos_token_ids": self.engine.eos_token_ids,
+            "pid": os.getpid(),
+            "calls": self.calls,
+        }
+
+    def encode(self, prompts: list[str | list[dict]], chat: bool = True) -> list[list[int]]:
+        return self.engine.encode(prompts, chat=chat)
+
+    def generate(
+        self, prompt_ids: list[list[int]], params: SamplingParams, keys: list[str]
+    ) -> list[list[Completion]]:
+        self.calls += 1
+        return self.engine.generate(prompt_ids, params, keys)
+
+    def score(self, prompt_ids: list[list[int]], continuation_ids: list[list[int]]) -> list[list[float]]:
+        self.calls += 1
+        return self.engine.score(prompt_ids, continuation_ids)
+
+    def topk_next(self, prefixes: list[list[int]], k: int) -> list[list[tuple[int, float]]]:
+        self.calls += 1
+        return self.engine.topk_next(prefixes, k)

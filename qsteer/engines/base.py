@@ -1,0 +1,56 @@
+"""The engine protocol every backend meets: token ids in, token ids and logprobs out."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means no top-k filter
+    stop: list[str] = field(default_factory=list)
+    seed: int = 0
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    text: str
+    # log-probability of each generated token under the model at temperature 1 (as `score` gives)
+    logprobs: list[float]
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+
+
+def sample_seed(seed: int, key: str, index: int) -> int:
+    """The random stream of sample `index` of prompt `key`: independent of batching and order."""
+    digest = hashlib.blake2b(f"{seed}\x1f{key}\x1f{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class Engine(Protocol):
+    context_length: int
+    eos_token_ids: list[int]
+
+    def encode(self, prompts: list[str | list[dict]], chat: bool = True) -> list[list[int]]: ...
+
+    def decode(self, token_ids: list[int]) -> str: ...
+
+    def generate(
+        self, prompt_ids: list[list[int]], params: SamplingParams, keys: list[str] | None = None
+    ) -> list[list[Completion]]:
+        """`n` completions per prompt; `keys[i]` (the prompt's id) names its random streams."""
+        ...
+
+    def score(self, prompt_ids: list[list[int]], continuation_ids: list[list[int]]) -> list[list[float]]:
+        """Per-token log-probabilities of each continuation given its prompt (teacher forcing)."""
+        ...
+
+    def topk_next(self, prefixes: list[list[int]], k: int) -> list[list[tuple[int, float]]]:
+        """The k most likely next tokens of each prefix, with their log-probabilities."""
+        ...

@@ -1,0 +1,282 @@
+"""The transformers engine: its own short decode loop over the model's forward pass and KV cache.
+
+Why not `model.generate`: it cannot give each row its own random stream (results would then
+depend on how prompts were batched), cannot share one prefill across n samples of a prompt
+without recomputing it, and exposes no teacher-forced scoring. The loop below is gpt-fast's
+shape: prefill once, expand the cache to n rows per prompt, then decode one token per step.
+
+Sampling is inverse-CDF with one uniform per (row, step) drawn up front from that row's own
+generator, so the token a row picks depends only on (seed, prompt id, sample index) and the
+model's probabilities, never on its neighbours in the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from qsteer.engines.base import Completion, SamplingParams, sample_seed
+from qsteer.models import resolve_model_path
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # bf16 halves memory traffic on GPUs; CPUs here have no fast bf16 matmul.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"model.dtype={dtype!r} is not one of: auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Left-padded ids, attention mask and position ids (positions count real tokens only)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        if seq:
+            ids[row, width - len(seq) :] = torch.tensor(seq)
+            mask[row, width - len(seq) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, top-k and top-p (nucleus) on a [rows, vocab] batch of logits."""
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token once the mass before it already reaches top_p; the first always stays
+        drop = (cumulative - sorted_logits.softmax(-1)) >= params.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    return logits
+
+
+def sample_tokens(logprobs: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row: argmax when greedy, else inverse CDF at that row's own uniform."""
+    if params.temperature == 0:
+        return logprobs.argmax(-1)
+    probs = filter_logits(logprobs, params).softmax(-1)
+    cdf = probs.cumsum(-1)
+    targets = (uniforms.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
+    tokens = torch.searchsorted(cdf, targets, right=True).squeeze(-1)
+    return tokens.clamp(max=probs.shape[-1] - 1)
+
+
+class HFEngine:
+    def __init__(
+        self,
+        path: str | None = None,
+        dtype: str = "auto",
+        device: str = "auto",
+        max_batch_rows: int = 128,
+        num_threads: int | None = None,
+        chat_template: bool = True,
+        trust_remote_code: bool = False,
+    ) -> None:
+        if num_threads:
+            torch.set_num_threads(int(num_threads))
+        self.path = resolve_model_path(path)
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=trust_remote_code)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            self.path, dtype=self.dtype, trust_remote_code=trust_remote_code
+        ).to(self.device)
+        self.model.eval()
+        self.max_batch_rows = max_batch_rows
+        self.use_chat_template = chat_template and bool(self.tokenizer.chat_template)
+        eos = {self.tokenizer.eos_token_id, *_as_list(self.model.generation_config.eos_token_id)}
+        self.eos_token_ids = sorted(t for t in eos if t is not None)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else self.eos_token_ids[0]
+        self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    # -- text at the edges -------------------------------------------------------------------
+    def encode(self, prompts: list[str | list[dict]], chat: bool = True) -> list[list[int]]:
+        out = []
+        for prompt in prompts:
+            if chat and self.use_chat_template:
+                messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+                text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                out.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            else:
+                if isinstance(prompt, list):
+                    prompt = "\n".join(m["content"] for m in prompt)
+                out.append(self.tokenizer(prompt)["input_ids"])
+        return out
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    # -- generate ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(
+        self, prompt_ids: list[list[int]], params: SamplingParams, keys: list[str] | None = None
+    ) -> list[list[Completion]]:
+        keys = keys if keys is not None else [str(i) for i in range(len(prompt_ids))]
+        for key, ids in zip(keys, prompt_ids, strict=True):
+            if not ids:
+                raise ValueError(f"prompt {key!r} is empty")
+            if len(ids) >= self.context_length:
+                raise ValueError(
+                    f"prompt {key!r} has {len(ids)} tokens; the context length is {self.context_length}"
+                )
+        rows = [(p, j) for p in range(len(prompt_ids)) for j in range(params.n)]
+        results: list[list[Completion | None]] = [[None] * params.n for _ in prompt_ids]
+        for start in range(0, len(rows), self.max_batch_rows):
+            chunk = rows[start : start + self.max_batch_rows]
+            for (p, j), completion in zip(chunk, self._generate_rows(prompt_ids, keys, chunk, params), strict=True):
+                results[p][j] = completion
+        return results  # type: ignore[return-value]
+
+    def _generate_rows(
+        self,
+        prompt_ids: list[list[int]],
+        keys: list[str],
+        rows: list[tuple[int, int]],
+        params: SamplingParams,
+    ) -> list[Completion]:
+        unique = sorted({p for p, _ in rows})
+        slot = {p: i for i, p in enumerate(unique)}
+        ids, mask, positions = left_pad([prompt_ids[p] for p in unique], self.pad_id, self.device)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, logits_to_keep=1
+        )
+        # n samples share the prompt's prefill: copy its cache rows instead of recomputing them
+        expand = torch.tensor([slot[p] for p, _ in rows], device=self.device)
+        cache.reorder_cache(expand)
+        logits = out.logits[:, -1, :].float()[expand]
+        mask, position = mask[expand], positions[expand, -1]
+
+        num_rows, steps = len(rows), params.max_new_tokens
+        budget = torch.tensor([min(steps, self.context_length - len(prompt_ids[p])) for p, _ in rows])
+        uniforms = torch.stack(
+            [
+                torch.rand(steps, generator=torch.Generator().manual_seed(sample_seed(params.seed, keys[p], j)))
+                for p, j in rows
+            ]
+        ).to(self.device)
+        tokens = torch.full((num_rows, steps), self.pad_id, dtype=torch.long)
+        logprobs = torch.zeros((num_rows, steps))
+        lengths = torch.zeros(num_rows, dtype=torch.long)
+        finish = ["length"] * num_rows
+        eos = torch.tensor(self.eos_token_ids, device=self.device)
+        stop_window = max((len(s) for s in params.stop), default=0) + 2
+
+        live = torch.arange(num_rows)  # which row each batch slot holds
+        running = torch.ones(num_rows, dtype=torch.bool)  # per batch slot: still generating
+        for step in range(steps):
+            raw = torch.log_softmax(logits, dim=-1)
+            chosen = sample_tokens(raw, params, uniforms[live.to(self.device), step])
+            chosen_logprob = raw.gather(-1, chosen[:, None])[:, 0]
+            slots = running.nonzero()[:, 0]
+            rows_now = live[slots]
+            tokens[rows_now, step] = chosen[slots].cpu()
+            logprobs[rows_now, step] = chosen_logprob[slots].cpu()
+            lengths[rows_now] += 1
+            finished = torch.isin(chosen, eos).cpu() & running
+            if params.stop:
+                for slot_index, row in zip(slots.tolist(), rows_now.tolist(), strict=True):
+                    tail = self.tokenizer.decode(tokens[row, max(0, step + 1 - stop_window) : step + 1])
+                    if any(s in tail for s in params.stop):
+                        finished[slot_index] = True
+            for slot_index in finished.nonzero()[:, 0].tolist():
+                finish[int(live[slot_index])] = "stop"
+            out_of_budget = lengths[live] >= budget[live]
+            running &= ~finished & ~out_of_budget
+            if not running.any():
+                break
+            # Finished rows ride along (their outputs are ignored) until enough of them pile up;
+            # then shrink the batch, since every cache copy costs as much as a few decode steps.
+            if (~running).sum() * 4 >= len(running):
+                keep = running.nonzero()[:, 0]
+                cache.batch_select_indices(keep.to(self.device))
+                live, running, chosen = live[keep], running[keep], chosen[keep.to(self.device)]
+                mask, position = mask[keep.to(self.device)], position[keep.to(self.device)]
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+            position = position + 1
+            out = self.model(
+                input_ids=chosen[:, None],
+                attention_mask=mask,
+                position_ids=position[:, None],
+                past_key_values=cache,
+            )
+            logits = out.logits[:, -1, :].float()
+
+        completions = []
+        for row in range(num_rows):
+            n_tokens = int(lengths[row])
+            token_ids = tokens[row, :n_tokens].tolist()
+            text = self.decode(token_ids)
+            if finish[row] == "stop" and params.stop:
+                cut = min((text.find(s) for s in params.stop if s in text), default=-1)
+                if cut >= 0:
+                    text = text[:cut]
+            completions.append(Completion(token_ids, text, logprobs[row, :n_tokens].tolist(), finish[row]))
+        return completions
+
+    # -- teacher forcing ---------------------------------------------------------------------
+    @torch.inference_mode()
+    def score(self, prompt_ids: list[list[int]], continuation_ids: list[list[int]]) -> list[list[float]]:
+        results: list[list[float]] = []
+        pairs = list(zip(prompt_ids, continuation_ids, strict=True))
+        for start in range(0, len(pairs), self.max_batch_rows):
+            chunk = pairs[start : start + self.max_batch_rows]
+            seqs = [list(p) + list(c) for p, c in chunk]
+            if max(len(s) for s in seqs) > self.context_length:
+                raise ValueError(f"a prompt+continuation exceeds the context length {self.context_length}")
+            longest = max(len(c) for _, c in chunk)
+            if longest == 0:
+                results.extend([] for _ in chunk)
+                continue
+            ids, mask, positions = left_pad(seqs, self.pad_id, self.device)
+            # Left padding puts every continuation at the right edge: the last longest+1 positions
+            # hold all the logits needed, so the full [rows, length, vocab] tensor is never built.
+            logits = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=longest + 1
+            ).logits.float()
+            logp = torch.log_softmax(logits, dim=-1)
+            for row, (_, cont) in enumerate(chunk):
+                if not cont:
+                    results.append([])
+                    continue
+                first = longest - len(cont)  # the logit that predicts cont[0]
+                idx = torch.tensor(cont, device=self.device)
+                picked = logp[row, first : first + len(cont)].gather(-1, idx[:, None])[:, 0]
+                results.append(picked.cpu().tolist())
+        return results
+
+    @torch.inference_mode()
+    def topk_next(self, prefixes: list[list[int]], k: int) -> list[list[tuple[int, float]]]:
+        results = []
+        for start in range(0, len(prefixes), self.max_batch_rows):
+            ids, mask, positions = left_pad(prefixes[start : start + self.max_batch_rows], self.pad_id, self.device)
+            logits = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1
+            ).logits[:, -1, :].float()
+            values, indices = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
+            results.extend(
+                list(zip(i, v, strict=True)) for i, v in zip(indices.tolist(), values.tolist(), strict=True)
+            )
+        return results
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]

@@ -1,0 +1,34 @@
+"""Plain sampling, the baseline: `workflow.n` samples per prompt; the first is the output."""
+
+from __future__ import annotations
+
+from qsteer.workflows.common import (
+    Context,
+    Stats,
+    candidate,
+    generate,
+    record_stats,
+    result,
+    reward_error,
+    score,
+)
+
+
+def run(records: list[dict], ctx: Context) -> list[dict]:
+    stats = Stats()
+    n = int(ctx.workflow.get("n", 1))
+    completions, errors = generate(records, ctx, n, stats)
+    texts = [[c.text for c in comps] if comps else [] for comps in completions]
+    ids = [[c.token_ids for c in comps] if comps else [] for comps in completions]
+    scored = score(records, texts, ctx, stats, ids) if ctx.reward else [[(None, {})] * len(t) for t in texts]
+    out = []
+    for record, comps, err, rewards in zip(records, completions, errors, scored, strict=True):
+        if comps is None:
+            out.append(result(record, None, None, [], record_stats(stats, len(records), None), err))
+            continue
+        cands = [candidate(c.text, r, info, c) for c, (r, info) in zip(comps, rewards, strict=True)]
+        out.append(
+            result(record, comps[0].text, rewards[0][0], cands, record_stats(stats, len(records), comps),
+                   reward_error(rewards[:1]))
+        )
+    return out
