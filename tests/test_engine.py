@@ -1,0 +1,138 @@
+"""The hf engine against transformers itself, on the real default model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy import stats
+
+from qsteer.engines.base import SamplingParams, sample_seed
+from qsteer.engines.hf import filter_logits
+
+PROMPTS = [
+    "Write one sentence about the sea.",
+    "Continue this review: The hotel was",
+    "What is 2+2?",
+    "List three colours.",
+]
+
+
+def test_greedy_matches_transformers_generate(engine):
+    ids = engine.encode(PROMPTS)
+    ours = engine.generate(ids, SamplingParams(max_new_tokens=24, temperature=0))
+    for prompt_ids, (completion,) in zip(ids, ours, strict=True):
+        ref = engine.model.generate(
+            torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            max_new_tokens=24, do_sample=False,
+        )[0, len(prompt_ids):].tolist()
+        assert completion.token_ids == ref[: len(completion.token_ids)]
+        if completion.finish_reason == "length":
+            assert len(completion.token_ids) == 24
+        else:
+            assert completion.token_ids[-1] in engine.eos_token_ids
+
+
+def test_score_equals_transformers_logprobs(engine):
+    ids = engine.encode(PROMPTS)
+    continuations = [engine.tokenizer(t, add_special_tokens=False)["input_ids"]
+                     for t in ["The sea is calm.", "clean and quiet", "4", "Red, green and blue. Done"]]
+    ours = engine.score(ids, continuations)
+    for prompt_ids, cont, got in zip(ids, continuations, ours, strict=True):
+        full = torch.tensor([prompt_ids + cont])
+        with torch.no_grad():
+            logp = torch.log_softmax(engine.model(full).logits[0].float(), -1)
+        want = [logp[len(prompt_ids) - 1 + t, tok].item() for t, tok in enumerate(cont)]
+        assert len(got) == len(cont)
+        assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < 1e-4
+
+
+def test_generated_logprobs_are_the_scored_logprobs(engine):
+    ids = engine.encode(PROMPTS[:2])
+    out = engine.generate(ids, SamplingParams(n=2, max_new_tokens=12, seed=1), keys=["a", "b"])
+    for prompt_ids, completions in zip(ids, out, strict=True):
+        for c in completions:
+            scored = engine.score([prompt_ids], [c.token_ids])[0]
+            assert max(abs(a - b) for a, b in zip(scored, c.logprobs, strict=True)) < 1e-4
+
+
+def test_topk_next_is_the_top_of_the_distribution(engine):
+    ids = engine.encode(PROMPTS[:2])
+    top = engine.topk_next(ids, 5)
+    for prompt_ids, items in zip(ids, top, strict=True):
+        with torch.no_grad():
+            logp = torch.log_softmax(engine.model(torch.tensor([prompt_ids])).logits[0, -1].float(), -1)
+        values, indices = logp.topk(5)
+        assert [t for t, _ in items] == indices.tolist()
+        assert all(abs(a - b) < 1e-4 for (_, a), b in zip(items, values.tolist(), strict=True))
+
+
+def test_samples_do_not_depend_on_batching(engine):
+    """Sample j of a prompt depends only on (seed, id, j): not on n, neighbours or chunking."""
+    ids = engine.encode(PROMPTS)
+    keys = ["p0", "p1", "p2", "p3"]
+    params = SamplingParams(n=4, max_new_tokens=16, seed=7)
+    together = engine.generate(ids, params, keys)
+    alone = engine.generate(ids[2:3], SamplingParams(n=2, max_new_tokens=16, seed=7), keys[2:3])
+    rows, engine.max_batch_rows = engine.max_batch_rows, 3
+    try:
+        chunked = engine.generate(ids, params, keys)
+    finally:
+        engine.max_batch_rows = rows
+    assert [c.token_ids for c in alone[0]] == [c.token_ids for c in together[2][:2]]
+    assert [[c.token_ids for c in r] for r in chunked] == [[c.token_ids for c in r] for r in together]
+    other_seed = engine.generate(ids[:1], SamplingParams(n=4, max_new_tokens=16, seed=8), keys[:1])
+    assert [c.token_ids for c in other_seed[0]] != [c.token_ids for c in together[0]]
+    assert len({tuple(c.token_ids) for c in together[0]}) > 1  # n samples are distinct draws
+
+
+def test_first_token_follows_the_model_distribution(engine):
+    """Inverse-CDF sampling with per-row streams draws from softmax(logits / T): chi-square test."""
+    ids = engine.encode(["Name an animal."])
+    temperature = 1.3
+    out = engine.generate(ids, SamplingParams(n=3000, max_new_tokens=1, temperature=temperature, seed=0))
+    with torch.no_grad():
+        logits = engine.model(torch.tensor(ids)).logits[0, -1].float()
+    probs = torch.softmax(logits / temperature, -1)
+    counts: dict[int, int] = {}
+    for c in out[0]:
+        counts[c.token_ids[0]] = counts.get(c.token_ids[0], 0) + 1
+    top = probs.topk(15).indices.tolist()
+    observed = [counts.get(t, 0) for t in top] + [3000 - sum(counts.get(t, 0) for t in top)]
+    expected = [3000 * probs[t].item() for t in top] + [3000 * (1 - probs[top].sum().item())]
+    assert stats.chisquare(observed, expected).pvalue > 0.01
+
+
+def test_filters_keep_the_right_sets():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda p: torch.isfinite(filter_logits(logits, p))[0].tolist()  # noqa: E731
+    assert kept(SamplingParams(top_k=2)) == [True, True, False, False]
+    assert kept(SamplingParams(top_p=0.8)) == [True, True, False, False]
+    assert kept(SamplingParams(top_p=0.81)) == [True, True, True, False]
+    assert kept(SamplingParams(top_p=0.1)) == [True, False, False, False]
+    scaled = torch.softmax(filter_logits(logits, SamplingParams(temperature=0.5)), -1)
+    expected = torch.tensor([0.25, 0.09, 0.0225, 0.0025])
+    assert torch.allclose(scaled[0], expected / expected.sum(), atol=1e-6)
+
+
+def test_stop_strings_cut_the_text(engine):
+    ids = engine.encode(["Write three sentences about rain."])
+    free = engine.generate(ids, SamplingParams(n=4, max_new_tokens=40, seed=3))[0]
+    stopped = engine.generate(ids, SamplingParams(n=4, max_new_tokens=40, seed=3, stop=["."]))[0]
+    for a, b in zip(free, stopped, strict=True):
+        assert "." not in b.text
+        if "." in a.text:
+            assert b.finish_reason == "stop"
+            assert a.text.startswith(b.text)
+            assert a.token_ids[: len(b.token_ids)] == b.token_ids
+
+
+def test_too_long_prompt_is_refused_by_name(engine):
+    with pytest.raises(ValueError, match="'long'.*context length"):
+        engine.generate([[1] * engine.context_length], SamplingParams(max_new_tokens=4), keys=["long"])
+
+
+def test_sample_seed_is_stable():
+    # a pure function of its inputs (never Python's salted hash): results survive restarts
+    assert sample_seed(0, "sent-000", 3) == 6448964213106934446  # the same in every process and release
+    assert len({sample_seed(0, "a", j) for j in range(100)}) == 100
+    assert 0 <= sample_seed(2**40, "x" * 100, 7) < 2**63
