@@ -22,15 +22,26 @@ import os
 import platform
 import statistics
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 console = Console()
+if not console.is_terminal:  # logs and CI: wide enough for the summary table
+    console = Console(width=120)
 
 # Targets the md comments on.
 TARGET_Q_OVER_A = 5.0  # qsteer >= 5x the per-sample generate loop
@@ -50,7 +61,7 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def machine_info(threads: int) -> dict:
+def machine_info(threads: int, load_average: float) -> dict:
     import ray
     import transformers
 
@@ -66,6 +77,7 @@ def machine_info(threads: int) -> dict:
         "ray": ray.__version__,
         "platform": platform.platform(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "load_average_1min_at_start": load_average,
     }
 
 
@@ -140,6 +152,44 @@ def hf_generate(model, prompt: list[int], n: int, max_new_tokens: int, pad_id: i
     )
 
 
+class CpuMeter:
+    """Wall time of the timed blocks, the CPU time the measured process spent in them, and the CPU
+    time everything else on the machine spent in them.
+
+    On a shared machine this tells a clean number from a contended one: a method that had its
+    cores to itself shows ~100% "CPU busy" and ~0 "other load"; one that shared them shows less
+    busy, more other load, and a lower tokens/s.
+    """
+
+    def __init__(self, pid: int | None = None) -> None:
+        self.proc = psutil.Process(pid)
+        self.seconds = self.cpu_seconds = self.other_seconds = 0.0
+
+    @contextmanager
+    def timed(self):
+        own0, all0, t0 = self._own(), self._machine(), time.perf_counter()
+        yield self
+        seconds, own = time.perf_counter() - t0, self._own() - own0
+        self.seconds += seconds
+        self.cpu_seconds += own
+        self.other_seconds += max(0.0, self._machine() - all0 - own)
+
+    def _own(self) -> float:
+        times = self.proc.cpu_times()
+        return times.user + times.system
+
+    @staticmethod
+    def _machine() -> float:
+        times = psutil.cpu_times()
+        return sum(times) - times.idle - getattr(times, "iowait", 0.0) - getattr(times, "guest", 0.0)
+
+    def stats(self, threads: int) -> dict:
+        return {
+            "cpu_utilisation": self.cpu_seconds / (self.seconds * threads),
+            "other_load_cores": self.other_seconds / self.seconds,
+        }
+
+
 def result(seconds: float, tokens: int, samples: int, **extra) -> dict:
     return {
         "seconds": seconds,
@@ -159,7 +209,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2, help="torch threads in-process and in the actor")
     ap.add_argument("--a-prompts", type=int, default=2, help="method (a) runs on this many prompts ...")
-    ap.add_argument("--a-samples", type=int, default=4, help="... times this many samples each")
+    ap.add_argument("--a-samples", type=int, default=8, help="... times this many samples each")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-ray", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -167,6 +217,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
+    load_average = os.getloadavg()[0]  # before we add our own load
 
     from qsteer.data import load_dataset
     from qsteer.engines.base import SamplingParams
@@ -176,7 +227,9 @@ def main() -> None:
     prompts = [r["prompt"] for r in records]
     keys = [r["id"] for r in records]
     params = SamplingParams(n=args.n, max_new_tokens=args.max_new_tokens, temperature=1.0, seed=args.seed)
-    warm_params = SamplingParams(n=2, max_new_tokens=4, temperature=1.0, seed=args.seed + 1)
+    # Warm-ups run 4 tokens at the timed batch width: a fresh process (the Ray actor) otherwise
+    # pays its first-touch allocations of a 128-row KV cache inside the timed call.
+    warm_params = SamplingParams(n=args.n, max_new_tokens=4, temperature=1.0, seed=args.seed + 1)
 
     with console.status("loading the default model"):
         engine = HFEngine()
@@ -185,7 +238,7 @@ def main() -> None:
     ids = engine.encode(prompts)
     n_params = count_parameters(model)
     gflop_per_token = 2 * n_params["total"] / 1e9
-    machine = machine_info(args.threads)
+    machine = machine_info(args.threads, load_average)
     console.print(
         f"[bold]{machine['cpu_model']}[/] · {machine['cores']} cores · torch {machine['torch']} · "
         f"transformers {machine['transformers']} · {n_params['total'] / 1e6:.1f}M params "
@@ -211,9 +264,10 @@ def main() -> None:
         matmul["decode_step"] = matmul_gflops(rows, hidden, inter)
         progress.advance(task)
 
-        # -- warm-ups (each method once, 1 prompt, few tokens) ------------------------------------
+        # -- warm-ups (each method once, 4 tokens) ----------------------------------------------
         task = progress.add_task("warm-up (q, a, b)", total=3)
-        engine.generate(ids[:1], warm_params, keys=keys[:1])
+        warm_prompts = max(1, min(len(ids), engine.max_batch_rows // args.n))
+        engine.generate(ids[:warm_prompts], warm_params, keys=keys[:warm_prompts])
         progress.advance(task)
         hf_generate(model, ids[0], 1, 4, pad_id)
         progress.advance(task)
@@ -222,9 +276,10 @@ def main() -> None:
 
         # -- (q) qsteer in-process ----------------------------------------------------------------
         task = progress.add_task(f"(q) qsteer hf engine, {args.prompts}x{args.n}", total=1)
-        t0 = time.perf_counter()
-        q_out = engine.generate(ids, params, keys=keys)
-        q_time = time.perf_counter() - t0
+        meter = CpuMeter()
+        with meter.timed():
+            q_out = engine.generate(ids, params, keys=keys)
+        q_time = meter.seconds
         progress.advance(task)
         q_tokens = sum(len(c.token_ids) for comps in q_out for c in comps)
         methods["q"] = result(
@@ -232,6 +287,7 @@ def main() -> None:
             q_tokens,
             sum(len(c) for c in q_out),
             label="qsteer, in-process",
+            **meter.stats(args.threads),
             stopped_at_eos=sum(c.finish_reason == "stop" for comps in q_out for c in comps),
         )
 
@@ -245,13 +301,14 @@ def main() -> None:
             task = progress.add_task("(r) ray: start + load actor", total=None)
             ray.init(include_dashboard=False, log_to_driver=False, logging_level="warning")
             group = ActorGroup(PolicyActor, role="model", replicas=1, num_cpus=1, num_threads=args.threads)
-            group.call_all("info")  # the actor has loaded its model
-            ray.get(group.call("generate", ids[:1], warm_params, keys[:1]))  # warm-up
+            actor_pid = group.call_all("info")[0]["pid"]  # the actor has loaded its model
+            ray.get(group.call("generate", ids[:warm_prompts], warm_params, keys[:warm_prompts]))  # warm-up
             progress.update(task, total=1, completed=1)
             task = progress.add_task(f"(r) qsteer via Ray actor, {args.prompts}x{args.n}", total=1)
-            t0 = time.perf_counter()
-            r_out = ray.get(group.call("generate", ids, params, keys))
-            r_time = time.perf_counter() - t0
+            meter = CpuMeter(actor_pid)
+            with meter.timed():
+                r_out = ray.get(group.call("generate", ids, params, keys))
+            r_time = meter.seconds
             progress.advance(task)
             r_tokens = sum(len(c.token_ids) for comps in r_out for c in comps)
             same = [[c.token_ids for c in comps] for comps in r_out] == [
@@ -263,6 +320,7 @@ def main() -> None:
                 sum(len(c) for c in r_out),
                 label="qsteer via Ray actor",
                 identical_to_q=same,
+                **meter.stats(args.threads),
             )
             group.shutdown()
             ray.shutdown()
@@ -270,35 +328,42 @@ def main() -> None:
         # -- (b) transformers generate, num_return_sequences=n, one call per prompt --------------
         task = progress.add_task(f"(b) generate(num_return_sequences={args.n})", total=len(ids))
         torch.manual_seed(args.seed)
-        b_tokens, b_samples, b_time = 0, 0, 0.0
+        b_tokens, b_samples, meter = 0, 0, CpuMeter()
         for prompt in ids:
-            t0 = time.perf_counter()
-            seqs = hf_generate(model, prompt, args.n, args.max_new_tokens, pad_id)
-            b_time += time.perf_counter() - t0
+            with meter.timed():
+                seqs = hf_generate(model, prompt, args.n, args.max_new_tokens, pad_id)
             b_tokens += sum(count_hf_tokens(seqs, len(prompt), eos_ids))
             b_samples += seqs.shape[0]
             progress.advance(task)
-        methods["b"] = result(b_time, b_tokens, b_samples, label=f"HF generate, {args.n}/call")
+        methods["b"] = result(
+            meter.seconds,
+            b_tokens,
+            b_samples,
+            label=f"HF generate, {args.n}/call",
+            **meter.stats(args.threads),
+        )
 
         # -- (a) transformers generate, one sample per call (subset) -----------------------------
         a_ids = ids[: args.a_prompts]
-        task = progress.add_task(f"(a) generate() per sample, {len(a_ids)}x{args.a_samples}", total=len(a_ids) * args.a_samples)
+        task = progress.add_task(
+            f"(a) generate() per sample, {len(a_ids)}x{args.a_samples}", total=len(a_ids) * args.a_samples
+        )
         torch.manual_seed(args.seed)
-        a_tokens, a_samples, a_time = 0, 0, 0.0
+        a_tokens, a_samples, meter = 0, 0, CpuMeter()
         for prompt in a_ids:
             for _ in range(args.a_samples):
-                t0 = time.perf_counter()
-                seqs = hf_generate(model, prompt, 1, args.max_new_tokens, pad_id)
-                a_time += time.perf_counter() - t0
+                with meter.timed():
+                    seqs = hf_generate(model, prompt, 1, args.max_new_tokens, pad_id)
                 a_tokens += sum(count_hf_tokens(seqs, len(prompt), eos_ids))
                 a_samples += 1
                 progress.advance(task)
         methods["a"] = result(
-            a_time,
+            meter.seconds,
             a_tokens,
             a_samples,
             label="HF generate, 1/call",
             subset=f"{len(a_ids)} prompts x {args.a_samples} samples",
+            **meter.stats(args.threads),
         )
 
     # -- roofline and ratios ---------------------------------------------------------------------
@@ -321,14 +386,33 @@ def main() -> None:
         ratios["r_over_q"] = methods["r"]["tokens_per_s"] / q["tokens_per_s"]
         ratios["ray_overhead"] = methods["r"]["seconds"] / q["seconds"] - 1
     targets = [
-        ("qsteer / (a) tokens/s", ratios["q_over_a"], f">= {TARGET_Q_OVER_A:g}x", ratios["q_over_a"] >= TARGET_Q_OVER_A),
-        ("qsteer / (b) tokens/s", ratios["q_over_b"], f">= {TARGET_Q_OVER_B:g}x", ratios["q_over_b"] >= TARGET_Q_OVER_B),
-        ("qsteer fraction of roofline", q["frac_roofline"], f">= {TARGET_ROOFLINE:.0%}", q["frac_roofline"] >= TARGET_ROOFLINE),
+        (
+            "qsteer / (a) tokens/s",
+            ratios["q_over_a"],
+            f">= {TARGET_Q_OVER_A:g}x",
+            ratios["q_over_a"] >= TARGET_Q_OVER_A,
+        ),
+        (
+            "qsteer / (b) tokens/s",
+            ratios["q_over_b"],
+            f">= {TARGET_Q_OVER_B:g}x",
+            ratios["q_over_b"] >= TARGET_Q_OVER_B,
+        ),
+        (
+            "qsteer fraction of roofline",
+            q["frac_roofline"],
+            f">= {TARGET_ROOFLINE:.0%}",
+            q["frac_roofline"] >= TARGET_ROOFLINE,
+        ),
     ]
     if "r" in methods:
         targets.append(
-            ("Ray overhead (r time / q time - 1)", ratios["ray_overhead"], f"< {TARGET_RAY_OVERHEAD:.0%}",
-             ratios["ray_overhead"] < TARGET_RAY_OVERHEAD)
+            (
+                "Ray overhead (r time / q time - 1)",
+                ratios["ray_overhead"],
+                f"< {TARGET_RAY_OVERHEAD:.0%}",
+                ratios["ray_overhead"] < TARGET_RAY_OVERHEAD,
+            )
         )
 
     report = {
@@ -363,7 +447,17 @@ def main() -> None:
 
     # -- summary -----------------------------------------------------------------------------------
     table = Table(title=f"Best-of-{args.n} on CPU ({machine['cpu_model']}, {args.threads} threads)")
-    for col in ("method", "samples", "tokens", "seconds", "tokens/s", "samples/s", "% roofline"):
+    for col in (
+        "method",
+        "samples",
+        "tokens",
+        "seconds",
+        "tokens/s",
+        "samples/s",
+        "% roofline",
+        "CPU busy",
+        "other load",
+    ):
         table.add_column(col, justify="left" if col == "method" else "right")
     for key, m in methods.items():
         table.add_row(
@@ -374,6 +468,8 @@ def main() -> None:
             f"{m['tokens_per_s']:.1f}",
             f"{m['samples_per_s']:.2f}",
             f"{m['frac_roofline']:.0%}",
+            f"{m['cpu_utilisation']:.0%}",
+            f"{m['other_load_cores']:.2f}",
         )
     console.print(table)
     console.print(
@@ -382,9 +478,30 @@ def main() -> None:
         f"{roofline['tokens_per_s']:.0f} tok/s ({roofline['tokens_per_s_decode_shape']:.0f} at the decode shape)"
     )
     for name, value, target, ok in targets:
-        shown = f"{value:+.1%}" if "overhead" in name else (f"{value:.0%}" if "roofline" in name else f"{value:.2f}x")
+        shown = (
+            f"{value:+.1%}"
+            if "overhead" in name
+            else (f"{value:.0%}" if "roofline" in name else f"{value:.2f}x")
+        )
         console.print(f"  {'[green]met[/]' if ok else '[red]MISSED[/]'}  {name}: {shown} (target {target})")
+    if busy := contention_note(report):
+        console.print(f"[yellow]{busy}[/]")
     console.print(f"wrote {args.out / 'best_of_n_cpu.json'} and .md · wall {report['wall_seconds']:.0f}s")
+
+
+def contention_note(report: dict) -> str:
+    threads = report["machine"]["torch_threads"]
+    shared = [
+        f"({k}) {m['cpu_utilisation']:.0%} busy, other load {m['other_load_cores']:.2f} cores"
+        for k, m in report["methods"].items()
+        if m["cpu_utilisation"] < 0.85 or m["other_load_cores"] > 0.25
+    ]
+    if not shared:
+        return ""
+    return (
+        f"Warning: the machine was shared while timing ({'; '.join(shared)}; each method uses "
+        f"{threads} threads); those numbers are pessimistic, re-run on a quiet machine."
+    )
 
 
 def markdown(report: dict, targets: list) -> str:
@@ -399,15 +516,15 @@ def markdown(report: dict, targets: list) -> str:
         f"Model: {report['parameters']['total'] / 1e6:.1f}M parameters (tied embeddings counted once) "
         f"= {roof['gflop_per_token']:.3f} GFLOP per token.",
         "",
-        "| method | samples | tokens | seconds | tokens/s | samples/s | % roofline | % decode-shape roofline |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|",
+        "| method | samples | tokens | seconds | tokens/s | samples/s | % roofline | % decode-shape roofline | CPU busy | other load |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for key, m in report["methods"].items():
         label = m["label"] + (f" ({m['subset']})" if "subset" in m else "")
         lines.append(
             f"| ({key}) {label} | {m['samples']} | {m['tokens']} | {m['seconds']:.1f} | "
             f"{m['tokens_per_s']:.1f} | {m['samples_per_s']:.2f} | {m['frac_roofline']:.0%} | "
-            f"{m['frac_roofline_decode_shape']:.0%} |"
+            f"{m['frac_roofline_decode_shape']:.0%} | {m['cpu_utilisation']:.0%} | {m['other_load_cores']:.2f} |"
         )
     r = report["ratios"]
     lines += [
@@ -435,6 +552,8 @@ def markdown(report: dict, targets: list) -> str:
     if "r" in report["methods"]:
         same = report["methods"]["r"]["identical_to_q"]
         lines += ["", f"Ray path returned token ids identical to the in-process run: {same}."]
+    if busy := contention_note(report):
+        lines += ["", f"**{busy}**"]
     lines += ["", "Raw numbers: `best_of_n_cpu.json`. How to read the columns: `benchmarks/README.md`.", ""]
     return "\n".join(lines)
 

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from qsteer.config import ConfigError, check_config
 from qsteer.data import DatasetError, load_dataset
 from qsteer.engines import SamplingParams
+from qsteer.models import ModelNotFoundError, resolve_model_path
 from qsteer.results import ResultsFile, summarize, write_atomic
 from qsteer.workflows import WORKFLOWS, Context
 
@@ -107,6 +108,9 @@ def run_job(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     todo = [r for r in records if r["id"] not in results.done_ids]
     workflow = WORKFLOWS[cfg.workflow.name]
 
+    if "policy" in workflow.roles and cfg.cluster.address is None:
+        # Convert the default model once here, not in every replica, and fail before Ray starts.
+        resolve_model_path(cfg.model.path)
     started_ray = connect(cfg.cluster)
     groups = build_groups(workflow.roles, cfg) if todo else {}
     try:
@@ -189,7 +193,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         summary = run_job(cfg, out_dir)
-    except (ConfigError, DatasetError) as err:
+    except (ConfigError, DatasetError, ModelNotFoundError) as err:
         print(f"qsteer: error: {err}", file=sys.stderr)
         sys.exit(2)
     print_summary(summary, out_dir)

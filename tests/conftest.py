@@ -18,6 +18,14 @@ def engine():
 
 
 @pytest.fixture(scope="session")
+def reference_model(engine):
+    """The same weights through transformers' own eager attention: an independent reference."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(engine.path, attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for all end-to-end tests; run_job joins it instead of starting its own."""
     import ray

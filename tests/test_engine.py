@@ -17,11 +17,11 @@ PROMPTS = [
 ]
 
 
-def test_greedy_matches_transformers_generate(engine):
+def test_greedy_matches_transformers_generate(engine, reference_model):
     ids = engine.encode(PROMPTS)
     ours = engine.generate(ids, SamplingParams(max_new_tokens=24, temperature=0))
     for prompt_ids, (completion,) in zip(ids, ours, strict=True):
-        ref = engine.model.generate(
+        ref = reference_model.generate(
             torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
             max_new_tokens=24, do_sample=False,
         )[0, len(prompt_ids):].tolist()
@@ -32,7 +32,7 @@ def test_greedy_matches_transformers_generate(engine):
             assert completion.token_ids[-1] in engine.eos_token_ids
 
 
-def test_score_equals_transformers_logprobs(engine):
+def test_score_equals_transformers_logprobs(engine, reference_model):
     ids = engine.encode(PROMPTS)
     continuations = [engine.tokenizer(t, add_special_tokens=False)["input_ids"]
                      for t in ["The sea is calm.", "clean and quiet", "4", "Red, green and blue. Done"]]
@@ -40,7 +40,7 @@ def test_score_equals_transformers_logprobs(engine):
     for prompt_ids, cont, got in zip(ids, continuations, ours, strict=True):
         full = torch.tensor([prompt_ids + cont])
         with torch.no_grad():
-            logp = torch.log_softmax(engine.model(full).logits[0].float(), -1)
+            logp = torch.log_softmax(reference_model(full).logits[0].float(), -1)
         want = [logp[len(prompt_ids) - 1 + t, tok].item() for t, tok in enumerate(cont)]
         assert len(got) == len(cont)
         assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < 1e-4
@@ -55,12 +55,12 @@ def test_generated_logprobs_are_the_scored_logprobs(engine):
             assert max(abs(a - b) for a, b in zip(scored, c.logprobs, strict=True)) < 1e-4
 
 
-def test_topk_next_is_the_top_of_the_distribution(engine):
+def test_topk_next_is_the_top_of_the_distribution(engine, reference_model):
     ids = engine.encode(PROMPTS[:2])
     top = engine.topk_next(ids, 5)
     for prompt_ids, items in zip(ids, top, strict=True):
         with torch.no_grad():
-            logp = torch.log_softmax(engine.model(torch.tensor([prompt_ids])).logits[0, -1].float(), -1)
+            logp = torch.log_softmax(reference_model(torch.tensor([prompt_ids])).logits[0, -1].float(), -1)
         values, indices = logp.topk(5)
         assert [t for t, _ in items] == indices.tolist()
         assert all(abs(a - b) < 1e-4 for (_, a), b in zip(items, values.tolist(), strict=True))
@@ -85,13 +85,13 @@ def test_samples_do_not_depend_on_batching(engine):
     assert len({tuple(c.token_ids) for c in together[0]}) > 1  # n samples are distinct draws
 
 
-def test_first_token_follows_the_model_distribution(engine):
+def test_first_token_follows_the_model_distribution(engine, reference_model):
     """Inverse-CDF sampling with per-row streams draws from softmax(logits / T): chi-square test."""
     ids = engine.encode(["Name an animal."])
     temperature = 1.3
     out = engine.generate(ids, SamplingParams(n=3000, max_new_tokens=1, temperature=temperature, seed=0))
     with torch.no_grad():
-        logits = engine.model(torch.tensor(ids)).logits[0, -1].float()
+        logits = reference_model(torch.tensor(ids)).logits[0, -1].float()
     probs = torch.softmax(logits / temperature, -1)
     counts: dict[int, int] = {}
     for c in out[0]:

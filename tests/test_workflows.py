@@ -165,3 +165,17 @@ def test_bad_dataset_line_names_file_and_line(compose, tmp_path):
     data.write_text('{"id": "a", "prompt": "hi"}\n{"id": "b", "prompt": "there"}\n{"id": "c", prompt}\n')
     with pytest.raises(DatasetError, match=r"broken\.jsonl:3"):
         run_job(compose("dataset=jsonl", f"dataset.path={data}"), tmp_path / "out")
+
+
+def test_majority_vote_returns_the_most_common_answer(ray_session, compose, tmp_path):
+    from collections import Counter
+
+    data = tmp_path / "math.jsonl"
+    data.write_text(json.dumps({"id": "m1", "prompt": "What is 3 + 4? Reply with just the number."}) + "\n")
+    run_job(compose("dataset=jsonl", f"dataset.path={data}", "workflow.aggregate=majority", "workflow.n=6",
+                    "generation.max_new_tokens=12", "reward=callable", "reward.target=reward_fns:word_count"),
+            tmp_path / "out")
+    (record,) = rows(tmp_path / "out")
+    votes = Counter(c["answer"] for c in record["candidates"] if c["answer"] is not None)
+    assert votes and votes[record["answer"]] == max(votes.values())
+    assert record["candidates"][record["selected"]]["answer"] == record["answer"]
