@@ -228,7 +228,7 @@ def main() -> None:
     keys = [r["id"] for r in records]
     params = SamplingParams(n=args.n, max_new_tokens=args.max_new_tokens, temperature=1.0, seed=args.seed)
     # Warm-ups run 4 tokens at the timed batch width: a fresh process (the Ray actor) otherwise
-    # pays its first-touch allocations of a 128-row KV cache inside the timed call.
+    # pays its first-touch allocations of a full-width KV cache inside the timed call.
     warm_params = SamplingParams(n=args.n, max_new_tokens=4, temperature=1.0, seed=args.seed + 1)
 
     with console.status("loading the default model"):

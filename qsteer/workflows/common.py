@@ -37,8 +37,8 @@ class Stats:
     def as_dict(self, share: int = 1) -> dict[str, Any]:
         """This batch's counts spread over its `share` records (tokens stay exact per record)."""
         return {
-            "policy_calls": self.policy_calls / share,
-            "reward_calls": self.reward_calls / share,
+            "policy_calls": round(self.policy_calls / share, 4),
+            "reward_calls": round(self.reward_calls / share, 4),
             "wall_s": round((time.perf_counter() - self.started) / share, 4),
         }
 
