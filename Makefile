@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 run: setup
-	$(VENV)/bin/qsteer hydra.run.dir=outputs/default
+	$(VENV)/bin/qsteer
 
 lint: setup
 	$(VENV)/bin/ruff check qsteer tests benchmarks

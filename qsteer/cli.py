@@ -170,7 +170,7 @@ def print_summary(summary: dict[str, Any], out_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"qsteer {summary['workflow']} -> {out_dir}")
+    table = Table(title=f"qsteer {summary['workflow']}", caption=str(out_dir))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in ("num_prompts", "num_errors", "mean_reward", "generated_tokens", "wall_s", "tokens_per_s"):
