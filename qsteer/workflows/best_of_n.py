@@ -19,11 +19,10 @@ from qsteer.workflows.common import (
     Context,
     Stats,
     candidate,
-    generate,
+    generate_and_score,
     record_stats,
     result,
     reward_error,
-    score,
 )
 
 AGGREGATES = ("max", "weighted", "majority")
@@ -65,10 +64,7 @@ def run(records: list[dict], ctx: Context) -> list[dict]:
     aggregate = ctx.workflow.get("aggregate", "max")
     pattern = ctx.workflow.get("answer_pattern")
     stats = Stats()
-    completions, errors = generate(records, ctx, n, stats)
-    texts = [[c.text for c in comps] if comps else [] for comps in completions]
-    ids = [[c.token_ids for c in comps] if comps else [] for comps in completions]
-    scored = score(records, texts, ctx, stats, ids)
+    completions, errors, scored = generate_and_score(records, ctx, n, stats)
     out = []
     for record, comps, err, rewards in zip(records, completions, errors, scored, strict=True):
         if comps is None:

@@ -99,6 +99,16 @@ def score(
     return out
 
 
+def generate_and_score(
+    records: list[dict], ctx: Context, n: int, stats: Stats
+) -> tuple[list[list[Completion] | None], list[str | None], list[list[tuple[float | None, dict]]]]:
+    """n completions per record and their (reward, info), in one policy and one reward call."""
+    completions, errors = generate(records, ctx, n, stats)
+    texts = [[c.text for c in comps] if comps else [] for comps in completions]
+    ids = [[c.token_ids for c in comps] if comps else [] for comps in completions]
+    return completions, errors, score(records, texts, ctx, stats, ids)
+
+
 def candidate(text: str, reward: float | None, info: dict, completion: Completion | None = None) -> dict:
     item: dict[str, Any] = {"text": text, "reward": reward}
     if completion is not None:

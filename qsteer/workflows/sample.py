@@ -6,21 +6,16 @@ from qsteer.workflows.common import (
     Context,
     Stats,
     candidate,
-    generate,
+    generate_and_score,
     record_stats,
     result,
     reward_error,
-    score,
 )
 
 
 def run(records: list[dict], ctx: Context) -> list[dict]:
     stats = Stats()
-    n = int(ctx.workflow.get("n", 1))
-    completions, errors = generate(records, ctx, n, stats)
-    texts = [[c.text for c in comps] if comps else [] for comps in completions]
-    ids = [[c.token_ids for c in comps] if comps else [] for comps in completions]
-    scored = score(records, texts, ctx, stats, ids) if ctx.reward else [[(None, {})] * len(t) for t in texts]
+    completions, errors, scored = generate_and_score(records, ctx, int(ctx.workflow.get("n", 1)), stats)
     out = []
     for record, comps, err, rewards in zip(records, completions, errors, scored, strict=True):
         if comps is None:
