@@ -73,6 +73,7 @@ def summarize(workflow: str, rows: list[dict[str, Any]], *, wall_s: float, new_t
         "max_reward": max(rewards) if rewards else None,
         "min_reward": min(rewards) if rewards else None,
         "new_generated_tokens": new_tokens,
+        "prompt_tokens": sum(int(r.get("stats", {}).get("prompt_tokens", 0)) for r in rows),
     }
     # Pass/fail rewards (code tests): report pass@k over each prompt's candidates.
     counts = [(len(r["candidates"]), sum(c["reward"] == 1.0 for c in r["candidates"]))

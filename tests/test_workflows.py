@@ -46,6 +46,7 @@ def test_output_files_follow_the_contract(ray_session, compose, tmp_path):
         assert all({"text", "reward", "num_tokens"} <= set(c) for c in r["candidates"])
         assert {"generated_tokens", "policy_calls", "reward_calls", "wall_s"} <= set(r["stats"])
         assert r["stats"]["generated_tokens"] == sum(c["num_tokens"] for c in r["candidates"])
+        assert r["stats"]["prompt_tokens"] > 10  # the chat-templated prompt, prefilled once
     assert summary["generated_tokens"] == sum(r["stats"]["generated_tokens"] for r in records)
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     for key in ("workflow", "num_prompts", "num_errors", "mean_reward", "generated_tokens", "wall_s",

@@ -68,7 +68,7 @@ def run(records: list[dict], ctx: Context) -> list[dict]:
     out = []
     for record, comps, err, rewards in zip(records, completions, errors, scored, strict=True):
         if comps is None:
-            out.append(result(record, None, None, [], record_stats(stats, len(records), None), err))
+            out.append(result(record, None, None, [], record_stats(stats, len(records), None, record["id"]), err))
             continue
         answers = [extract_answer(c.text, pattern) for c in comps] if aggregate != "max" else [None] * n
         chosen = select([r for r, _ in rewards], answers, aggregate)
@@ -80,6 +80,6 @@ def run(records: list[dict], ctx: Context) -> list[dict]:
                 cand["answer"] = answer
         out.append(
             result(record, comps[chosen].text, rewards[chosen][0], cands,
-                   record_stats(stats, len(records), comps), reward_error(rewards), **extra)
+                   record_stats(stats, len(records), comps, record["id"]), reward_error(rewards), **extra)
         )
     return out

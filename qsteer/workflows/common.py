@@ -28,8 +28,7 @@ class Context:
 
 @dataclass
 class Stats:
-    generated_tokens: int = 0
-    prompt_tokens: int = 0
+    prompt_tokens: dict[str, int] = field(default_factory=dict)  # per record id
     policy_calls: int = 0
     reward_calls: int = 0
     started: float = field(default_factory=time.perf_counter)
@@ -70,8 +69,7 @@ def generate(
         stats.policy_calls += 2
         for i, completions in zip(ok, outs, strict=True):
             results[i] = completions
-            stats.prompt_tokens += len(prompt_ids[i])
-            stats.generated_tokens += sum(len(c.token_ids) for c in completions)
+            stats.prompt_tokens[str(records[i]["id"])] = len(prompt_ids[i])
     return results, errors
 
 
@@ -133,9 +131,11 @@ def result(record: dict, output: str | None, reward: float | None, candidates: l
     }
 
 
-def record_stats(stats: Stats, share: int, completions: list[Completion] | None) -> dict[str, Any]:
+def record_stats(stats: Stats, share: int, completions: list[Completion] | None, record_id: str) -> dict[str, Any]:
     out = stats.as_dict(share)
     out["generated_tokens"] = sum(len(c.token_ids) for c in completions) if completions else 0
+    # prefilled once per prompt however many samples share it
+    out["prompt_tokens"] = stats.prompt_tokens.get(str(record_id), 0)
     return out
 
 

@@ -19,11 +19,11 @@ def run(records: list[dict], ctx: Context) -> list[dict]:
     out = []
     for record, comps, err, rewards in zip(records, completions, errors, scored, strict=True):
         if comps is None:
-            out.append(result(record, None, None, [], record_stats(stats, len(records), None), err))
+            out.append(result(record, None, None, [], record_stats(stats, len(records), None, record["id"]), err))
             continue
         cands = [candidate(c.text, r, info, c) for c, (r, info) in zip(comps, rewards, strict=True)]
         out.append(
-            result(record, comps[0].text, rewards[0][0], cands, record_stats(stats, len(records), comps),
+            result(record, comps[0].text, rewards[0][0], cands, record_stats(stats, len(records), comps, record["id"]),
                    reward_error(rewards[:1]))
         )
     return out
