@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from qsteer.config import ConfigError, check_config
 from qsteer.data import DatasetError, load_dataset
 from qsteer.engines import SamplingParams
 from qsteer.models import ModelNotFoundError, resolve_model_path
-from qsteer.results import ResultsFile, summarize, write_atomic
+from qsteer.results import ResultsFile, config_changes, summarize, write_atomic
 from qsteer.workflows import WORKFLOWS, Context
 
 
@@ -103,8 +104,16 @@ def run_job(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     records = load_dataset(cfg.dataset.name, path=cfg.dataset.path, limit=cfg.dataset.limit)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     results = ResultsFile(out_dir / "results.jsonl")
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    if results.done_ids and (out_dir / "config.yaml").exists():
+        changes = config_changes(yaml.safe_load((out_dir / "config.yaml").read_text()), resolved)
+        if changes:
+            raise ConfigError(
+                f"{out_dir} holds results of a different config, so resuming would mix them "
+                f"({'; '.join(changes)}); choose another hydra.run.dir"
+            )
+    write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     todo = [r for r in records if r["id"] not in results.done_ids]
     workflow = WORKFLOWS[cfg.workflow.name]
 

@@ -16,21 +16,14 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: tree if not isinstance(tree, list) else str(tree)}
+from qsteer.results import flatten
 
 
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
     runs = []
     for summary_path in sorted(sweep_dir.glob("*/summary.json")):
         config_path = summary_path.parent / "config.yaml"
-        config = _flatten(yaml.safe_load(config_path.read_text())) if config_path.exists() else {}
+        config = flatten(yaml.safe_load(config_path.read_text())) if config_path.exists() else {}
         runs.append({"dir": summary_path.parent.name, "config": config, "summary": json.loads(summary_path.read_text())})
     return runs
 

@@ -60,6 +60,31 @@ class ResultsFile:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
 
+# Keys that change where or how fast a run goes, never what it writes: a resumed run may change them.
+_RESOURCE_KEYS = ("progress", "batch_size", "cluster", "dataset.limit", "model.replicas", "model.num_cpus",
+                  "model.num_gpus", "model.num_threads", "model.max_batch_rows", "model.max_restarts",
+                  "reward.replicas", "reward.num_cpus", "reward.num_gpus", "reward.max_restarts")
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as dotted keys: {'workflow.n': 4, ...}."""
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Keys whose values differ between a run folder's config and this run's, resources aside."""
+    before, after = flatten(old), flatten(new)
+    changed = []
+    for key in sorted(set(before) | set(after)):
+        if any(key == r or key.startswith(r + ".") for r in _RESOURCE_KEYS):
+            continue
+        if before.get(key) != after.get(key):
+            changed.append(f"{key}: {before.get(key)!r} -> {after.get(key)!r}")
+    return changed
+
+
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 

@@ -54,6 +54,18 @@ def test_output_files_follow_the_contract(ray_session, compose, tmp_path):
         assert key in summary
 
 
+def test_resuming_with_another_config_is_refused(ray_session, compose, tmp_path):
+    run_job(compose("workflow.n=2", "dataset.limit=2", "generation.max_new_tokens=8"), tmp_path)
+    before = (tmp_path / "results.jsonl").read_text()
+    with pytest.raises(ConfigError, match=r"workflow\.n: 2 -> 3"):
+        run_job(compose("workflow.n=3", "dataset.limit=2", "generation.max_new_tokens=8"), tmp_path)
+    assert (tmp_path / "results.jsonl").read_text() == before  # nothing already done is lost
+    # more prompts and other resources are fine: the first two are kept, two more are added
+    summary = run_job(compose("workflow.n=2", "dataset.limit=4", "generation.max_new_tokens=8", "batch_size=1"),
+                      tmp_path)
+    assert summary["num_prompts"] == 4 and (tmp_path / "results.jsonl").read_text().startswith(before)
+
+
 def test_same_seed_same_results(ray_session, compose, tmp_path):
     a = run_job(compose("workflow.n=2", "seed=3", *FAST), tmp_path / "a")
     b = run_job(compose("workflow.n=2", "seed=3", *FAST), tmp_path / "b")
