@@ -76,7 +76,8 @@ def test_greedy_generation_matches_hf(engine, vllm_engine, prompts):
 
 def test_score_matches_hf(engine, vllm_engine, prompts):
     keys, ids = prompts
-    continuations = [c[0].token_ids for c in engine.generate(ids, SamplingParams(max_new_tokens=24, seed=1), keys)]
+    # sampled (not greedy) continuations: low-probability tokens are scored too
+    continuations = [c[0].token_ids for c in vllm_engine.generate(ids, SamplingParams(max_new_tokens=24, seed=1), keys)]
     continuations[3] = []  # an empty continuation scores to an empty list
     ours, theirs = vllm_engine.score(ids, continuations), engine.score(ids, continuations)
     diffs = [abs(a - b) for x, y in zip(ours, theirs, strict=True) for a, b in zip(x, y, strict=True)]
