@@ -98,6 +98,10 @@ class VLLMEngine:
         self.eos_token_ids = eos_ids(self.tokenizer.eos_token_id, generation_eos)
         self.context_length = int(self.llm.llm_engine.model_config.max_model_len)
 
+    def close(self) -> None:
+        """Stop vLLM's engine processes now (otherwise at interpreter exit)."""
+        self.llm.llm_engine.engine_core.shutdown()
+
     # -- text at the edges -------------------------------------------------------------------
     def encode(self, prompts: list[str | list[dict]], chat: bool = True) -> list[list[int]]:
         return encode_prompts(self.tokenizer, prompts, chat, self.use_chat_template)
