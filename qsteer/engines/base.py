@@ -33,6 +33,39 @@ def sample_seed(seed: int, key: str, index: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def encode_prompts(
+    tokenizer, prompts: list[str | list[dict]], chat: bool, use_chat_template: bool
+) -> list[list[int]]:
+    """Prompts (text or chat messages) to token ids, through the chat template when asked and present."""
+    out = []
+    for prompt in prompts:
+        if chat and use_chat_template:
+            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+        else:
+            if isinstance(prompt, list):
+                prompt = "\n".join(m["content"] for m in prompt)
+            out.append(tokenizer(prompt)["input_ids"])
+    return out
+
+
+def eos_ids(tokenizer_eos: int | None, generation_eos: int | list[int] | None) -> list[int]:
+    """The tokens that end a completion: the tokenizer's EOS and the generation config's."""
+    if not isinstance(generation_eos, (list, tuple)):
+        generation_eos = [generation_eos]
+    return sorted({t for t in (tokenizer_eos, *generation_eos) if t is not None})
+
+
+def check_prompts(prompt_ids: list[list[int]], keys: list[str], context_length: int) -> None:
+    """Refuse an empty or too long prompt by its key, before any work starts."""
+    for key, ids in zip(keys, prompt_ids, strict=True):
+        if not ids:
+            raise ValueError(f"prompt {key!r} is empty")
+        if len(ids) >= context_length:
+            raise ValueError(f"prompt {key!r} has {len(ids)} tokens; the context length is {context_length}")
+
+
 class Engine(Protocol):
     context_length: int
     eos_token_ids: list[int]

