@@ -16,6 +16,7 @@ class SamplingParams:
     top_k: int = 0  # 0 means no top-k filter
     stop: list[str] = field(default_factory=list)
     seed: int = 0
+    speculative: dict | None = None  # a draft config (qsteer.speculative.SpeculativeConfig fields): decode with it
 
 
 @dataclass
@@ -25,6 +26,7 @@ class Completion:
     # log-probability of each generated token under the model at temperature 1 (as `score` gives)
     logprobs: list[float]
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    spec: dict | None = None  # speculative decoding counts (rounds, drafted, accepted, ...) when used
 
 
 def sample_seed(seed: int, key: str, index: int) -> int:

@@ -98,6 +98,22 @@ class PreallocatedLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length
 
+    def crop(self, max_length: int) -> None:
+        if max_length < self.length:
+            self.length = max(max_length, 0)
+            self._views()
+
+    def keep_positions(self, index: torch.Tensor) -> None:
+        """Per row, keep only the cache positions in `index` [rows, width] (speculative rollback)."""
+        if not self.length:
+            return
+        gather = index[:, None, :, None].expand(-1, self._keys.shape[1], -1, self._keys.shape[-1])
+        width = index.shape[1]
+        self._keys[:, :, :width] = self._keys[:, :, : self.length].gather(2, gather)
+        self._values[:, :, :width] = self._values[:, :, : self.length].gather(2, gather)
+        self.length = width
+        self._views()
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.length:
             self._keys, self._values = self._keys[beam_idx], self._values[beam_idx]
@@ -183,6 +199,8 @@ class HFEngine:
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.eos_token_ids[0]
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self.drafters: dict[tuple, object] = {}  # one per draft config: recycling tables and searches persist
+        self.draft_actor = None  # a DraftActor handle, for drafts that are not colocated
 
     # -- text at the edges -------------------------------------------------------------------
     def encode(self, prompts: list[str | list[dict]], chat: bool = True) -> list[list[int]]:
@@ -200,11 +218,28 @@ class HFEngine:
         check_prompts(prompt_ids, keys, self.context_length)
         rows = [(p, j) for p in range(len(prompt_ids)) for j in range(params.n)]
         results: list[list[Completion | None]] = [[None] * params.n for _ in prompt_ids]
-        for start in range(0, len(rows), self.max_batch_rows):
-            chunk = rows[start : start + self.max_batch_rows]
-            for (p, j), completion in zip(chunk, self._generate_rows(prompt_ids, keys, chunk, params), strict=True):
+        generate_rows, chunk_rows = self._generate_rows, self.max_batch_rows
+        if params.speculative:
+            generate_rows, chunk_rows = self._speculative(params)
+        for start in range(0, len(rows), chunk_rows):
+            chunk = rows[start : start + chunk_rows]
+            for (p, j), completion in zip(chunk, generate_rows(prompt_ids, keys, chunk, params), strict=True):
                 results[p][j] = completion
         return results  # type: ignore[return-value]
+
+    def _speculative(self, params: SamplingParams):
+        """The speculative (or EAD) row generator for `params.speculative`, and its rows per chunk."""
+        from qsteer.speculative import SpeculativeConfig, build_drafter, decode, ead
+
+        cfg = SpeculativeConfig.from_dict(params.speculative)
+        if cfg.key() not in self.drafters:
+            self.drafters[cfg.key()] = build_drafter(cfg, self, self.draft_actor)
+        drafter = self.drafters[cfg.key()]
+        # a verify forward holds [rows, nodes + 1, vocab] logits (and drafts as much in q): cap it near 256 MB
+        per_row = (drafter.max_nodes + 1) * self.model.config.vocab_size * (2 if cfg.stochastic else 1)
+        chunk_rows = max(1, min(self.max_batch_rows, (1 << 26) // per_row))
+        run = ead.generate_rows if cfg.mode == "ead" else decode.generate_rows
+        return (lambda prompt_ids, keys, rows, p: run(self, drafter, cfg, prompt_ids, keys, rows, p)), chunk_rows
 
     def _generate_rows(
         self,
