@@ -20,7 +20,7 @@ import hydra
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from qsteer.config import ConfigError, check_config
+from qsteer.config import ConfigError, check_config, speculative_config
 from qsteer.data import DatasetError, load_dataset
 from qsteer.engines import SamplingParams
 from qsteer.models import ModelNotFoundError, resolve_model_path
@@ -55,10 +55,13 @@ def build_groups(roles: tuple[str, ...], cfg: DictConfig) -> dict[str, Any]:
     from qsteer.actors.reward import RewardActor
 
     groups: dict[str, Any] = {}
+    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    draft = speculative_config(cfg) if "policy" in roles else None
     if "policy" in roles:
         m = cfg.model
-        has_gpu = ray.cluster_resources().get("GPU", 0) > 0
         engine_kwargs = OmegaConf.to_container(m.engine_kwargs, resolve=True)
+        if draft is not None and m.engine == "vllm":
+            engine_kwargs["speculative"] = draft  # vLLM fixes its speculative_config at engine start
         # vLLM with tensor parallelism places its own GPU workers (Ray actors in a placement group
         # of tensor_parallel_size bundles, distributed_executor_backend="ray"): the actor needs none.
         own_gpu = has_gpu and not (m.engine == "vllm" and int(engine_kwargs.get("tensor_parallel_size", 1)) > 1)
@@ -82,6 +85,10 @@ def build_groups(roles: tuple[str, ...], cfg: DictConfig) -> dict[str, Any]:
             chat_template=m.chat_template,
             **engine_kwargs,
         )
+        if draft is not None and draft["kind"] == "model" and not draft.get("colocate", True) and m.engine == "hf":
+            groups["draft"] = build_draft_group(cfg, has_gpu)
+            for i, actor in enumerate(groups["policy"].actors):
+                ray.get(actor.attach_draft.remote(groups["draft"].actors[i % len(groups["draft"].actors)]))
     if "reward" in roles:
         r = cfg.reward
         groups["reward"] = ActorGroup(
@@ -96,6 +103,23 @@ def build_groups(roles: tuple[str, ...], cfg: DictConfig) -> dict[str, Any]:
             kwargs=OmegaConf.to_container(r.kwargs, resolve=True),
         )
     return groups
+
+
+def build_draft_group(cfg: DictConfig, has_gpu: bool):
+    """Draft actors for a model draft that does not live inside the policy actors."""
+    from qsteer.actors.draft import DraftActor
+    from qsteer.actors.group import ActorGroup
+
+    a = cfg.draft.actor
+    num_gpus = (1 if has_gpu else 0) if a.num_gpus == "auto" else a.num_gpus
+    threads = a.num_threads
+    if threads is None and cfg.cluster.address is None and not num_gpus:
+        threads = os.cpu_count() or 1  # drafting and verifying alternate, so each may use every core
+    return ActorGroup(
+        DraftActor, role="draft", replicas=a.replicas, num_cpus=a.num_cpus, num_gpus=num_gpus,
+        max_restarts=a.max_restarts, num_threads=threads, path=cfg.draft.path or cfg.model.path,
+        dtype=a.dtype, device=a.device, chat_template=cfg.model.chat_template,
+    )
 
 
 def run_job(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
@@ -136,6 +160,7 @@ def run_job(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
                 top_k=cfg.generation.top_k,
                 stop=list(cfg.generation.stop),
                 seed=cfg.seed,
+                speculative=speculative_config(cfg),
             ),
             policy=groups.get("policy"),
             reward=groups.get("reward"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -81,6 +82,7 @@ def check_config(cfg: DictConfig) -> None:
         gpus = _get(cfg, "model.num_gpus")
         if gpus != "auto":
             _number(cfg, "model.num_gpus", 0, 1024)
+        speculative_config(cfg)
     _check_reward(cfg)
     _choice(cfg, "dataset.name", sorted(DATASETS))
     if cfg.dataset.name == "jsonl":
@@ -88,6 +90,37 @@ def check_config(cfg: DictConfig) -> None:
     limit = _get(cfg, "dataset.limit")
     if limit is not None:
         _int(cfg, "dataset.limit", 0)
+
+
+def speculative_config(cfg: DictConfig) -> dict | None:
+    """The draft config the policy decodes with (SamplingParams.speculative), or None for plain decoding.
+
+    workflow=speculative always uses the `draft=` group; any other workflow does when
+    generation.speculative is true, or names a draft kind (its shipped defaults then apply).
+    """
+    from qsteer.speculative.config import KINDS, SpeculativeConfig
+
+    choice = _get(cfg, "generation.speculative")
+    if cfg.workflow.name == "speculative" and choice in (False, None):
+        choice = True
+    if choice in (False, None):
+        return None
+    if choice is True:
+        draft = OmegaConf.to_container(_get(cfg, "draft"), resolve=True)
+        if not isinstance(draft, dict):
+            raise ConfigError("draft is not set: choose one with draft=lookup (or recycle, layerskip, model)")
+    elif choice in KINDS:
+        selected = OmegaConf.select(cfg, "draft.kind")
+        source = cfg.draft if selected == choice else OmegaConf.load(Path(__file__).parent / "conf" / "draft" / f"{choice}.yaml")
+        draft = OmegaConf.to_container(source, resolve=True)
+    else:
+        raise ConfigError(f"generation.speculative={choice!r} is not one of: false, true, {', '.join(KINDS)}")
+    draft.pop("actor", None)
+    try:
+        SpeculativeConfig.from_dict(draft)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err)) from err
+    return draft
 
 
 def _check_reward(cfg: DictConfig) -> None:

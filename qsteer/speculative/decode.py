@@ -20,7 +20,7 @@ from qsteer.speculative.verify import children_of, draw, verify_tree
 
 def _spec_stats() -> dict:
     return {"rounds": 0, "drafted": 0, "accepted": 0, "tested": 0, "alpha_sum": 0.0, "draft_calls": 0,
-            "target_calls": 1}
+            "target_calls": 1, "emitted": 0}
 
 
 @torch.inference_mode()
@@ -138,6 +138,7 @@ def generate_rows(engine, drafter, cfg: SpeculativeConfig, prompt_ids: list[list
             s["tested"] += verdict.tested
             s["alpha_sum"] += sum(verdict.alpha)
             for col, token in zip(path_cols, emitted, strict=True):
+                s["emitted"] += 1
                 if not emit(row, token, float(raw[col, token])):
                     alive[slot_index] = False
                     break

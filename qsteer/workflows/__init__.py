@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from qsteer.workflows import best_of_n, sample, score
+from qsteer.workflows import best_of_n, sample, score, speculative
 from qsteer.workflows.common import Context
 
 
@@ -24,6 +24,7 @@ WORKFLOWS: dict[str, Workflow] = {
     "sample": Workflow(sample.run, ("policy", "reward")),
     "best_of_n": Workflow(best_of_n.run, ("policy", "reward")),
     "score": Workflow(score.run, ("reward",)),
+    "speculative": Workflow(speculative.run, ("policy", "reward")),
 }
 
 __all__ = ["WORKFLOWS", "Context", "Workflow"]

@@ -11,6 +11,7 @@ import ray
 from qsteer.actors.group import ActorGroup
 from qsteer.data import prompt_text
 from qsteer.engines import Completion, SamplingParams
+from qsteer.metrics.speculative import sum_spec
 
 # Fields every result record carries (DESIGN.md); a workflow adds its own beside them.
 _SKIP_COLUMNS = {"prompt", "messages"}
@@ -136,6 +137,9 @@ def record_stats(stats: Stats, share: int, completions: list[Completion] | None,
     out["generated_tokens"] = sum(len(c.token_ids) for c in completions) if completions else 0
     # prefilled once per prompt however many samples share it
     out["prompt_tokens"] = stats.prompt_tokens.get(str(record_id), 0)
+    spec = sum_spec([c.spec for c in completions]) if completions else None
+    if spec:
+        out["spec"] = spec
     return out
 
 

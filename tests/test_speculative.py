@@ -1,0 +1,272 @@
+"""Speculative decoding on the default model: lossless for every draft kind, at the analytic rates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from qsteer.data import load_dataset
+from qsteer.engines.base import SamplingParams
+from qsteer.metrics import rates, sum_spec
+from qsteer.speculative.drafters import TREES, RecycleDrafter, find_candidate
+from qsteer.speculative.state import ancestors, forward_chunk
+from qsteer.speculative.verify import children_of, verify_tree
+
+SMALL_TREE = [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]
+
+
+@pytest.fixture(scope="session")
+def small_draft(engine, tmp_path_factory):
+    """A genuinely different LM with the policy's tokenizer: the default model's first 8 layers."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(engine.path)
+    model.model.layers = model.model.layers[:8]
+    model.config.num_hidden_layers = 8
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:8]
+    path = tmp_path_factory.mktemp("draft") / "smollm2-8-layers"
+    model.save_pretrained(path)
+    engine.tokenizer.save_pretrained(path)
+    return str(path)
+
+
+DRAFTS = {
+    "lookup": {"kind": "lookup", "gamma": 6},
+    "recycle": {"kind": "recycle"},
+    "layerskip": {"kind": "layerskip", "gamma": 4},
+    "layerskip-adaptive": {"kind": "layerskip", "gamma": 6, "adaptive": True, "threshold": 0.5},
+    "layerskip-spectr": {"kind": "layerskip", "gamma": 3, "num_drafts": 3, "verify": "kseq"},
+    "layerskip-rsd": {"kind": "layerskip", "gamma": 3, "num_drafts": 3, "verify": "rrs"},
+    "model": {"kind": "model", "gamma": 4},
+}
+
+
+def draft_config(name: str, small_draft: str) -> dict:
+    cfg = dict(DRAFTS[name])
+    if cfg["kind"] == "model":
+        cfg["path"] = small_draft
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def twenty_prompts(engine):
+    chats = [r["prompt"] for r in load_dataset("sentiment", limit=12)]
+    code = [r["prompt"] for r in load_dataset("humaneval", limit=8)]
+    return engine.encode(chats) + engine.encode(code, chat=False)
+
+
+@pytest.fixture(scope="module")
+def greedy_plain(engine, twenty_prompts):
+    return engine.generate(twenty_prompts, SamplingParams(max_new_tokens=32, temperature=0))
+
+
+def assert_same_or_near_tie(engine, prompt: list[int], plain: list[int], spec: list[int]) -> None:
+    """Token-identical, or the first difference sits on a near-tie of the target's top two logits
+    (a multi-token forward may round differently from a one-token forward)."""
+    if plain == spec:
+        return
+    at = next(i for i, (a, b) in enumerate(zip(plain, spec, strict=False)) if a != b)
+    (_, first), (_, second) = engine.topk_next([prompt + plain[:at]], 2)[0]
+    assert first - second < 1e-4, f"diverged at token {at} without a tie (logprob gap {first - second:.2e})"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(DRAFTS))
+def test_greedy_speculative_output_is_token_identical(engine, twenty_prompts, greedy_plain, small_draft, name):
+    params = SamplingParams(max_new_tokens=32, temperature=0, speculative=draft_config(name, small_draft))
+    spec = engine.generate(twenty_prompts, params)
+    for prompt, plain, got in zip(twenty_prompts, greedy_plain, spec, strict=True):
+        assert_same_or_near_tie(engine, prompt, plain[0].token_ids, got[0].token_ids)
+    total = sum_spec([c[0].spec for c in spec])
+    assert total["rounds"] > 0 and 1 <= rates(total)["mean_accepted_length"] <= 1 + spec_nodes(params)
+
+
+def spec_nodes(params: SamplingParams) -> int:
+    cfg = params.speculative
+    return 6 if cfg["kind"] == "recycle" else cfg.get("gamma", 5)
+
+
+def exact_joint(engine, prompt: list[int], top_k: int, depth: int) -> dict[tuple[int, ...], float]:
+    """The target's exact distribution over its first `depth` tokens under top-k sampling (EOS ends early)."""
+    eos = set(engine.eos_token_ids)
+    joint, frontier = {}, {(): 1.0}
+    for _ in range(depth):
+        nxt = {}
+        prefixes = list(frontier)
+        for prefix, top in zip(prefixes, engine.topk_next([prompt + list(p) for p in prefixes], top_k), strict=True):
+            logps = torch.tensor([lp for _, lp in top], dtype=torch.float64)
+            probs = (logps - logps.logsumexp(0)).exp()
+            for (token, _), prob in zip(top, probs.tolist(), strict=True):
+                out = prefix + (token,)
+                (joint if token in eos else nxt)[out] = frontier[prefix] * prob
+        frontier = nxt
+    joint.update(frontier)
+    return joint
+
+
+def chi_square_pvalue(samples: list[tuple[int, ...]], joint: dict[tuple[int, ...], float]) -> float:
+    """Goodness of fit, with outcomes expected fewer than 5 times merged into one bin."""
+    n = len(samples)
+    counts = {k: 0 for k in joint}
+    for s in samples:
+        counts[s] = counts.get(s, 0) + 1
+    assert set(counts) == set(joint), f"outcomes outside the target's support: {set(counts) - set(joint)}"
+    big = [k for k in joint if joint[k] * n >= 5]
+    observed = [counts[k] for k in big] + [sum(counts[k] for k in joint if k not in big)]
+    expected = [joint[k] * n for k in big] + [sum(joint[k] * n for k in joint if k not in big)]
+    if expected[-1] == 0:
+        observed, expected = observed[:-1], expected[:-1]
+    return float(chisquare(observed, expected).pvalue)
+
+
+SAMPLED = ["lookup", "recycle", "layerskip", "layerskip-spectr", "layerskip-rsd", "model"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SAMPLED)
+def test_sampled_first_three_tokens_follow_the_target(engine, small_draft, name):
+    """Speculative sampling is lossless: its first 3 tokens match the target's exact top-3 joint, and the
+    acceptance it measures equals the analytic mean of sum(min(p, q)) at the positions it tested."""
+    prompt = engine.encode(["Name three colours."])[0]
+    cfg = draft_config(name, small_draft)
+    if cfg["kind"] in ("lookup", "layerskip", "model"):
+        cfg["gamma"] = 2
+    if cfg["kind"] == "recycle":
+        cfg["tree"] = SMALL_TREE
+        warm = SamplingParams(max_new_tokens=16, temperature=0, speculative=cfg)
+        engine.generate([prompt], warm)  # hot start: fill the recycling table from this prompt
+    if cfg["kind"] == "lookup":  # a prompt that repeats itself, so that lookup finds drafts
+        prompt = engine.encode(["red green blue red green blue red green blue red green"], chat=False)[0]
+    params = SamplingParams(n=2000, max_new_tokens=3, temperature=1.0, top_k=3, seed=11, speculative=cfg)
+    completions = engine.generate([prompt], params)[0]
+    pvalue = chi_square_pvalue([tuple(c.token_ids) for c in completions], exact_joint(engine, prompt, 3, 3))
+    assert pvalue > 0.01
+    total = sum_spec([c.spec for c in completions])
+    assert total["tested"] > 500, "too few draft tokens were tested for the check to mean anything"
+    if cfg["kind"] in ("layerskip", "model") and cfg.get("num_drafts", 1) == 1:
+        measured, analytic = total["accepted"] / total["tested"], total["alpha_sum"] / total["tested"]
+        assert abs(measured - analytic) < 4 * (analytic * (1 - analytic) / total["tested"]) ** 0.5
+
+
+def test_a_draft_identical_to_the_target_accepts_everything(engine):
+    prompt = engine.encode(["Write a haiku about the sea."])
+    params = SamplingParams(n=4, max_new_tokens=24, temperature=1.0, speculative={"kind": "model", "gamma": 4})
+    total = sum_spec([c.spec for c in engine.generate(prompt, params)[0]])
+    assert total["accepted"] >= 0.999 * total["tested"]
+    assert total["alpha_sum"] >= 0.999 * total["tested"]  # sum(min(p, q)) = 1 when q = p
+
+
+def test_a_uniform_draft_accepts_at_sum_of_min_p_and_one_over_v(engine):
+    prompt = engine.encode(["The capital of France is"], chat=False)[0]
+    logits = engine.model(input_ids=torch.tensor([prompt])).logits[0, -1].detach().double()
+    p = logits.softmax(-1)
+    q = torch.full_like(p, 1 / p.shape[0])
+    analytic = float(torch.minimum(p, q).sum())
+    gen = torch.Generator().manual_seed(0)
+    samples, accepted = 4000, 0
+    draws = torch.randint(p.shape[0], (samples,), generator=gen)
+    for d in draws.tolist():
+        verdict = verify_tree(lambda col: p, [d], children_of([-1]), [True], "rrs",
+                              lambda: float(torch.rand((), generator=gen, dtype=torch.float64)), lambda node: q)
+        accepted += bool(verdict.accepted)
+    assert abs(accepted / samples - analytic) < 4 * (analytic * (1 - analytic) / samples) ** 0.5 + 1e-4
+
+
+def test_tree_attention_equals_a_causal_forward_of_each_path(engine):
+    """Every node's logits in one tree forward equal those of a plain forward over its root-to-node path."""
+    from qsteer.engines.hf import new_cache
+
+    model = engine.model
+    prompt = engine.encode(["Tell me about trees."])[0]
+    parents = [-1, -1, 0, 0, 1, 2]
+    tokens = [11, 22, 33, 44, 55, 66]
+    cache = new_cache(model, 128)
+    ids = torch.tensor([prompt[:-1]])
+    with torch.inference_mode():
+        model(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None], past_key_values=cache)
+        valid = torch.ones((1, ids.shape[1]), dtype=torch.bool)
+        depth = [0, 1, 1, 2, 2, 2, 3]
+        chunk = torch.tensor([[prompt[-1], *tokens]])
+        logits = forward_chunk(model, cache, valid, chunk, torch.tensor([[len(prompt) - 1 + d for d in depth]]),
+                               ancestors(parents))[0]
+        for node in range(-1, len(parents)):
+            path, at = [], node
+            while at >= 0:
+                path.insert(0, tokens[at])
+                at = parents[at]
+            reference = model(input_ids=torch.tensor([prompt + path])).logits[0, -1].float()
+            assert torch.allclose(logits[node + 1], reference, atol=1e-4)
+
+
+def test_token_recycling_table_and_tree(engine):
+    paths = TREES["2.2.2"]
+    sizes = [sum(len(p) == d for p in paths) for d in range(1, 7)]
+    assert len(paths) == 80 and sizes == [8, 21, 25, 15, 8, 3]
+    from qsteer.speculative.config import SpeculativeConfig
+
+    cfg = SpeculativeConfig(kind="recycle")
+    params = SamplingParams(max_new_tokens=8, temperature=0, speculative={"kind": "recycle"})
+    prompt = engine.encode(["Count from one to ten."])
+    engine.generate(prompt, params)
+    drafter = engine.drafters[SpeculativeConfig.from_dict(params.speculative).key()]
+    # every token the last round verified now maps to the target's top-k after it
+    assert isinstance(drafter, RecycleDrafter) and drafter.matrix.any()
+    fresh = RecycleDrafter(cfg, engine.model.config.vocab_size)
+    fresh.matrix[5] = torch.arange(8) + 100
+    fresh.matrix[100] = torch.arange(8) + 200
+
+    class Rows:
+        last = torch.tensor([5])
+
+    draft = fresh.propose(Rows)
+    assert draft.tokens[0, :8].tolist() == list(range(100, 108))
+    assert draft.tokens[0, paths.index([0, 3])] == 203  # node [0, 3] = M[M[root][0]][3]
+
+
+def test_prompt_lookup_finds_the_earliest_longest_match():
+    assert find_candidate([1, 2, 3, 4, 1, 2], max_ngram=3, num_tokens=2) == [3, 4]
+    assert find_candidate([9, 1, 2, 7, 5, 2], max_ngram=3, num_tokens=3) == [7, 5, 2]  # falls back to a 1-gram
+    assert find_candidate([1, 2, 3], max_ngram=3, num_tokens=4) == []
+    assert find_candidate([1, 2, 3, 1, 2, 3, 1, 2], max_ngram=2, num_tokens=10) == [3, 1, 2, 3, 1, 2]
+
+
+def test_adaptive_length_limits_to_fixed_gamma_and_grows_with_threshold(engine):
+    prompt = engine.encode(["Describe a sunny morning in the park."])
+    base = {"kind": "layerskip", "gamma": 5}
+    fixed = engine.generate(prompt, SamplingParams(n=3, max_new_tokens=24, seed=3, speculative=base))[0]
+    loose = engine.generate(prompt, SamplingParams(n=3, max_new_tokens=24, seed=3, speculative={
+        **base, "adaptive": True, "threshold": 1.0}))[0]
+    assert [c.token_ids for c in fixed] == [c.token_ids for c in loose]  # h = 1 never stops early
+    per_round = []
+    for threshold in (0.1, 0.4, 0.9):
+        cfg = {**base, "adaptive": True, "threshold": threshold}
+        comps = engine.generate(prompt, SamplingParams(n=3, max_new_tokens=24, seed=3, speculative=cfg))[0]
+        total = sum_spec([c.spec for c in comps])
+        per_round.append(total["drafted"] / total["rounds"])
+    assert per_round == sorted(per_round) and per_round[0] < per_round[-1]
+
+
+def test_bad_draft_configs_name_their_key(engine):
+    for bad, key in [({"kind": "nope"}, "draft.kind"), ({"kind": "lookup", "num_drafts": 2}, "draft.num_drafts"),
+                     ({"kind": "layerskip", "skip": [["attn", 0]]}, "draft.skip"), ({"kind": "x", "y": 1}, "y")]:
+        with pytest.raises(ValueError, match=key):
+            engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2, speculative=bad))
+
+
+def test_speculative_rows_do_not_depend_on_their_batch(engine):
+    prompts = engine.encode(["Say something kind.", "List two fruits."])
+    cfg = {"kind": "layerskip", "gamma": 3}
+    together = engine.generate(prompts, SamplingParams(n=2, max_new_tokens=12, seed=5, speculative=cfg))
+    alone = engine.generate(prompts[1:], SamplingParams(n=2, max_new_tokens=12, seed=5, speculative=cfg), keys=["1"])
+    assert [c.token_ids for c in together[1]] == [c.token_ids for c in alone[0]]
+
+
+def test_emitted_per_round_is_between_one_and_gamma_plus_one(engine):
+    prompt = engine.encode(["Repeat: a b c a b c a b c"])
+    comps = engine.generate(prompt, SamplingParams(n=2, max_new_tokens=20, speculative={"kind": "lookup", "gamma": 4}))
+    for c in comps[0]:
+        assert c.spec["rounds"] <= c.spec["emitted"] <= 5 * c.spec["rounds"]
+        assert len(c.token_ids) == 1 + c.spec["emitted"]  # the first token comes from the prefill
+
