@@ -34,7 +34,9 @@ def small_draft(engine, tmp_path_factory):
 
 DRAFTS = {
     "lookup": {"kind": "lookup", "gamma": 6},
-    "recycle": {"kind": "recycle"},
+    # a 12-node tree keeps 20 batched rows affordable on 2 cores; the benchmark runs the paper's 80 nodes
+    "recycle": {"kind": "recycle", "tree": [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0, 1, 0],
+                                            [0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0, 0]]},
     "layerskip": {"kind": "layerskip", "gamma": 4},
     "layerskip-adaptive": {"kind": "layerskip", "gamma": 6, "adaptive": True, "threshold": 0.5},
     "layerskip-spectr": {"kind": "layerskip", "gamma": 3, "num_drafts": 3, "verify": "kseq"},
@@ -85,7 +87,7 @@ def test_greedy_speculative_output_is_token_identical(engine, twenty_prompts, gr
 
 def spec_nodes(params: SamplingParams) -> int:
     cfg = params.speculative
-    return 6 if cfg["kind"] == "recycle" else cfg.get("gamma", 5)
+    return 5 if cfg["kind"] == "recycle" else cfg.get("gamma", 5)
 
 
 def exact_joint(engine, prompt: list[int], top_k: int, depth: int) -> dict[tuple[int, ...], float]:
@@ -133,6 +135,8 @@ def test_sampled_first_three_tokens_follow_the_target(engine, small_draft, name)
     cfg = draft_config(name, small_draft)
     if cfg["kind"] in ("lookup", "layerskip", "model"):
         cfg["gamma"] = 2
+    if cfg.get("num_drafts", 1) > 1:
+        cfg["num_drafts"] = 2
     if cfg["kind"] == "recycle":
         cfg["tree"] = SMALL_TREE
         warm = SamplingParams(max_new_tokens=16, temperature=0, speculative=cfg)

