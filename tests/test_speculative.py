@@ -9,8 +9,9 @@ from scipy.stats import chisquare
 from qsteer.data import load_dataset
 from qsteer.engines.base import SamplingParams
 from qsteer.metrics import rates, sum_spec
-from qsteer.speculative.drafters import TREES, RecycleDrafter, find_candidate
+from qsteer.speculative.drafters import RecycleDrafter, find_candidate
 from qsteer.speculative.state import ancestors, forward_chunk
+from qsteer.speculative.trees import TREES
 from qsteer.speculative.verify import children_of, verify_tree
 
 SMALL_TREE = [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]

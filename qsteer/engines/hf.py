@@ -66,6 +66,28 @@ AttentionInterface.register("qsteer_gqa_sdpa", gqa_sdpa_attention)
 AttentionMaskInterface.register("qsteer_gqa_sdpa", sdpa_mask)
 
 
+def small_batch_head(head: torch.nn.Linear):
+    """The LM head's forward for few rows: weight @ hidden.T instead of hidden @ weight.T.
+
+    On CPU, MKL runs `linear` with a handful of rows (one decode step of a few sequences, a
+    speculative verify chunk) far below its speed for the transposed product: measured here for
+    the 49152 x 576 head, 17 ms against 3 ms at 2 rows and 25 ms against 9 ms at 11. A single
+    row goes to a slower matrix-vector kernel, so it is doubled.
+    """
+    weight = head.weight
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        rows = flat.shape[0]
+        if rows > 24:
+            return torch.nn.functional.linear(hidden, weight)
+        if rows == 1:
+            flat = flat.expand(2, -1)
+        return (weight @ flat.T).T[:rows].reshape(*hidden.shape[:-1], weight.shape[0])
+
+    return forward
+
+
 class PreallocatedLayer(DynamicLayer):
     """A DynamicLayer whose keys/values are views into a buffer sized for the whole generation.
 
@@ -193,6 +215,9 @@ class HFEngine:
             self.path, dtype=self.dtype, trust_remote_code=trust_remote_code, attn_implementation=attention
         ).to(self.device)
         self.model.eval()
+        head = self.model.get_output_embeddings()
+        if self.device.type == "cpu" and type(head) is torch.nn.Linear and head.bias is None:
+            head.forward = small_batch_head(head)
         self.max_batch_rows = max_batch_rows
         self.use_chat_template = chat_template and bool(self.tokenizer.chat_template)
         self.eos_token_ids = eos_ids(self.tokenizer.eos_token_id, self.model.generation_config.eos_token_id)

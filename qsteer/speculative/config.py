@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from qsteer.speculative.trees import tree_shape
+
 KINDS = ("model", "layerskip", "lookup", "recycle")
 MODES = ("lossless", "ead")
 VERIFY = ("auto", "rrs", "kseq")
@@ -62,6 +64,8 @@ class SpeculativeConfig:
             raise bad("threshold", f"must be in (0, 1], got {self.threshold}")
         if self.adaptive and self.num_drafts > 1:
             raise bad("adaptive", "adaptive draft length is for one draft chain (num_drafts: 1)")
+        if self.kind == "recycle":
+            tree_shape(self.tree, self.topk)
         if self.mode == "ead" and not self.stochastic:
             raise bad("mode", "ead switches between two models: the draft must be model or layerskip")
 

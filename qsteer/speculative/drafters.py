@@ -21,6 +21,7 @@ from qsteer.engines.hf import left_pad, new_cache
 from qsteer.speculative import layerskip
 from qsteer.speculative.config import SpeculativeConfig
 from qsteer.speculative.state import Batch, Draft, compact, crop, forward_chunk, processed
+from qsteer.speculative.trees import tree_shape
 from qsteer.speculative.verify import draw
 
 # -- sampling chains from a draft distribution --------------------------------------------------
@@ -289,21 +290,6 @@ class LookupDrafter:
         pass
 
 
-# Token Recycling's static tree "2.2.2" (80 nodes, depth 6), from Spec-Bench's tree_template_.py:
-# each node is the path of child ranks from the root.
-_TREE_222 = (
-    [[i] for i in range(8)]
-    + [[0, i] for i in range(8)] + [[1, i] for i in range(4)] + [[2, i] for i in range(3)] + [[3, 0], [3, 1]]
-    + [[i, 0] for i in range(4, 8)]
-    + [[0, 0, i] for i in range(8)] + [[0, 1, 0], [0, 1, 1], [0, 1, 2], [0, 2, 0], [0, 2, 1]]
-    + [[0, i, 0] for i in range(3, 8)] + [[1, 0, 0], [1, 0, 1], [1, 1, 0]] + [[i, 0, 0] for i in range(2, 6)]
-    + [[0, 0, 0, i] for i in range(5)] + [[0, 0, 1, 0], [0, 0, 1, 1], [0, 0, 2, 0], [0, 0, 3, 0], [0, 0, 4, 0],
-                                          [0, 1, 0, 0], [0, 2, 0, 0], [1, 0, 0, 0], [2, 0, 0, 0], [3, 0, 0, 0]]
-    + [[0, 0, 0, 0, 0], [0, 0, 0, 0, 1], [0, 0, 0, 0, 2], [0, 0, 0, 1, 0], [0, 0, 0, 2, 0], [0, 0, 1, 0, 0],
-       [0, 1, 0, 0, 0], [1, 0, 0, 0, 0]]
-    + [[0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 1], [0, 0, 0, 1, 0, 0]]
-)
-TREES = {"2.2.2": _TREE_222}
 
 
 class RecycleDrafter:
@@ -311,18 +297,11 @@ class RecycleDrafter:
     the draft tree reads M breadth first from the last token. M persists across requests (hot start)."""
 
     def __init__(self, cfg: SpeculativeConfig, vocab_size: int) -> None:
-        paths = [list(p) for p in (TREES[cfg.tree] if isinstance(cfg.tree, str) else cfg.tree)]
-        index = {tuple(p): i for i, p in enumerate(paths)}
-        for path in paths:
-            if len(path) > 1 and tuple(path[:-1]) not in index:
-                raise ValueError(f"draft.tree: node {path} has no parent {path[:-1]} listed before it")
-            if not 0 <= path[-1] < cfg.topk:
-                raise ValueError(f"draft.tree: rank {path[-1]} in {path} is outside draft.topk={cfg.topk}")
-        self.parents = [index[tuple(p[:-1])] if len(p) > 1 else -1 for p in paths]
-        self.ranks = torch.tensor([p[-1] for p in paths])
+        self.parents, ranks = tree_shape(cfg.tree, cfg.topk)
+        self.ranks = torch.tensor(ranks)
         self.topk = cfg.topk
         self.matrix = torch.zeros((vocab_size, cfg.topk), dtype=torch.long)
-        self.max_nodes = len(paths)
+        self.max_nodes = len(self.parents)
 
     def begin(self, batch: Batch) -> None:
         pass
