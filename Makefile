@@ -40,6 +40,7 @@ test-fast: setup
 
 bench: setup
 	$(PY) benchmarks/bench_best_of_n.py
+	$(PY) benchmarks/bench_speculative.py
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -1,12 +1,16 @@
 """Speculative decoding speed on the CPU: each qsteer draft kind against plain decoding and against
 transformers' assisted generation and prompt lookup, in one run, at batch 1 (where speculation pays).
 
-Prompts: the first HumanEval problems (code, raw prompt) and the sentiment openings (chat); 128 new
-tokens; greedy and sampled (temperature 1). Same model object for every method, fp32, 2 threads.
+Prompts: the first HumanEval problems and the sentiment openings, both through the chat template (as
+`qsteer dataset=humaneval` sends them); 128 new tokens; greedy and sampled (temperature 1). Same model
+object for every method, fp32, 2 threads. Greedy rows decode the same tokens with every method, so
+their ratios compare equal work; sampled rows draw different sequences of different lengths per
+method, so their ratios also carry length differences.
 
 Methods:
   plain          qsteer HFEngine.generate, no draft (the speedup baseline)
-  lookup         prompt lookup (gamma 10, 3-gram)
+  lookup-4       prompt lookup (gamma 4, 3-gram): qsteer's default
+  lookup-10      prompt lookup (gamma 10, 3-gram): transformers' default length
   recycle        Token Recycling (80-node tree, table warmed on one held-out prompt first)
   layerskip      the policy with 45% of middle sub-blocks skipped (gamma 4)
   model          an 8-layer truncation of the policy as a separate draft LM (gamma 4)
@@ -46,7 +50,8 @@ console = Console(width=140)
 TARGET_CODE_SPEEDUP = 2.0
 
 DRAFTS = {
-    "lookup": {"kind": "lookup", "gamma": 10, "max_ngram": 3},
+    "lookup-4": {"kind": "lookup", "gamma": 4, "max_ngram": 3},
+    "lookup-10": {"kind": "lookup", "gamma": 10, "max_ngram": 3},
     "recycle": {"kind": "recycle"},
     "layerskip": {"kind": "layerskip", "gamma": 4},
     "model": {"kind": "model", "gamma": 4},
@@ -70,7 +75,7 @@ def truncated_draft(engine: HFEngine, layers: int, folder: Path) -> str:
 def prompts(engine: HFEngine, count: int) -> dict[str, list[list[int]]]:
     code = [r["prompt"] for r in load_dataset("humaneval", limit=count + 1)]
     chat = [r["prompt"] for r in load_dataset("sentiment", limit=count + 1)]
-    return {"humaneval": engine.encode(code, chat=False), "sentiment": engine.encode(chat)}
+    return {"humaneval": engine.encode(code), "sentiment": engine.encode(chat)}
 
 
 def run_qsteer(engine, ids, params) -> tuple[float, list[list[int]], dict]:
@@ -184,11 +189,12 @@ def write(rows: list[dict], args, load: float) -> None:
         table.add_row(*cells)
         lines.append("| " + " | ".join(cells) + " |")
     console.print(table)
-    best = max((r for r in rows if r["dataset"] == "humaneval" and r["method"] in DRAFTS and r["method"] != "model"),
-               key=lambda r: r["speedup_vs_plain"])
-    verdict = "met" if best["speedup_vs_plain"] >= TARGET_CODE_SPEEDUP else "missed"
-    summary = (f"Best train-free draft on code: {best['method']} ({best['mode']}) at {best['speedup_vs_plain']:.2f}x "
-               f"over plain decoding; target {TARGET_CODE_SPEEDUP:.0f}x {verdict}.")
+    # the verdict uses greedy rows: there every method decodes the same tokens (checked: `identical`)
+    best = max((r for r in rows if r["dataset"] == "humaneval" and r["mode"] == "greedy" and r["method"] in DRAFTS
+                and r["method"] != "model"), key=lambda r: r["speedup_vs_plain"])
+    verdict = "met" if best["speedup_vs_plain"] >= TARGET_CODE_SPEEDUP and best["identical_to_plain"] else "missed"
+    summary = (f"Best train-free draft on code (greedy, lossless): {best['method']} at "
+               f"{best['speedup_vs_plain']:.2f}x over plain decoding; target {TARGET_CODE_SPEEDUP:.0f}x {verdict}.")
     console.print(summary)
     md = [f"# Speculative decoding on the CPU ({meta['date']})", "",
           f"Batch 1, {args.tokens} new tokens, {args.prompts} prompts per dataset, fp32, 2 threads; "

@@ -275,3 +275,27 @@ def test_emitted_per_round_is_between_one_and_gamma_plus_one(engine):
         assert c.spec["rounds"] <= c.spec["emitted"] <= 5 * c.spec["rounds"]
         assert len(c.token_ids) == 1 + c.spec["emitted"]  # the first token comes from the prefill
 
+
+
+def test_layer_skip_sets_and_swift_search(engine):
+    from qsteer.speculative.layerskip import SkipSearch, even_skip, matchness
+
+    assert even_skip(30, 0.0) == ()
+    chosen = even_skip(30, 0.45)
+    layers = sorted({layer for _, layer in chosen})
+    assert len(layers) == round(0.45 * 28) and 0 not in layers and 29 not in layers
+    assert max(b - a for a, b in zip(layers, layers[1:], strict=False)) <= 3  # spread evenly
+    sequences = engine.encode(["The quick brown fox jumps over the lazy dog."])
+    assert matchness(engine.model, sequences, ()) == 1.0  # nothing skipped: the draft is the model
+    search = SkipSearch(30, chosen, max_iterations=3, seed=1)
+    start = matchness(engine.model, sequences, chosen)
+    best = search.step(engine.model, sequences, tries=10)
+    assert search.iterations == 3 and search.done and len(best) == len(chosen)
+    assert search.best_score >= start
+
+
+def test_an_empty_skip_set_drafts_the_policy_itself(engine):
+    prompt = engine.encode(["Name a planet."])
+    params = SamplingParams(n=2, max_new_tokens=16, speculative={"kind": "layerskip", "skip": [], "gamma": 3})
+    total = sum_spec([c.spec for c in engine.generate(prompt, params)[0]])
+    assert total["accepted"] >= 0.999 * total["tested"]
