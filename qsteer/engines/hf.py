@@ -12,6 +12,8 @@ model's probabilities, never on its neighbours in the batch.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -72,20 +74,38 @@ def small_batch_head(head: torch.nn.Linear):
     On CPU, MKL runs `linear` with a handful of rows (one decode step of a few sequences, a
     speculative verify chunk) far below its speed for the transposed product: measured here for
     the 49152 x 576 head, 17 ms against 3 ms at 2 rows and 25 ms against 9 ms at 11. A single
-    row goes to a slower matrix-vector kernel, so it is doubled.
+    row goes to a slower matrix-vector kernel, so it is doubled. The product's values depend on
+    the row count, while `linear`'s do not from 4 rows up (measured): plain decoding therefore
+    uses it only below 4 rows (where `linear` is not batch-invariant either), and the speculative
+    loop, which trades that for latency, up to `head.small_rows = 24` (`many_small_rows`).
     """
     weight = head.weight
+    head.small_rows = 3
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
         flat = hidden.reshape(-1, hidden.shape[-1])
         rows = flat.shape[0]
-        if rows > 24:
+        if rows > head.small_rows:
             return torch.nn.functional.linear(hidden, weight)
         if rows == 1:
             flat = flat.expand(2, -1)
         return (weight @ flat.T).T[:rows].reshape(*hidden.shape[:-1], weight.shape[0])
 
     return forward
+
+
+@contextlib.contextmanager
+def many_small_rows(model, rows: int = 24):
+    """Let the small-batch head take up to `rows` rows (speculative verify chunks) for a while."""
+    head = model.get_output_embeddings()
+    previous = getattr(head, "small_rows", None)
+    if previous is not None:
+        head.small_rows = rows
+    try:
+        yield
+    finally:
+        if previous is not None:
+            head.small_rows = previous
 
 
 class PreallocatedLayer(DynamicLayer):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from qsteer.engines.base import Completion, SamplingParams, sample_seed
-from qsteer.engines.hf import left_pad, new_cache
+from qsteer.engines.hf import left_pad, many_small_rows, new_cache
 from qsteer.speculative.config import SpeculativeConfig
 from qsteer.speculative.state import Batch, ancestors, compact, forward_chunk, processed, uniform_from
 from qsteer.speculative.verify import children_of, draw, verify_tree
@@ -26,6 +26,12 @@ def _spec_stats() -> dict:
 @torch.inference_mode()
 def generate_rows(engine, drafter, cfg: SpeculativeConfig, prompt_ids: list[list[int]], keys: list[str],
                   rows: list[tuple[int, int]], params: SamplingParams) -> list[Completion]:
+    with many_small_rows(engine.model):
+        return _generate_rows(engine, drafter, cfg, prompt_ids, keys, rows, params)
+
+
+def _generate_rows(engine, drafter, cfg: SpeculativeConfig, prompt_ids: list[list[int]], keys: list[str],
+                   rows: list[tuple[int, int]], params: SamplingParams) -> list[Completion]:
     model, device = engine.model, engine.device
     unique = sorted({p for p, _ in rows})
     slot = {p: i for i, p in enumerate(unique)}
@@ -74,7 +80,6 @@ def generate_rows(engine, drafter, cfg: SpeculativeConfig, prompt_ids: list[list
 
     batch = Batch(
         history=[list(prompt_ids[p]) + outputs[r] for r, (p, _) in enumerate(rows)],
-        prompt_lengths=[len(prompt_ids[p]) for p, _ in rows],
         keys=[(keys[p], j) for p, j in rows],
         cache=cache,
         valid=mask.bool()[expand],
@@ -92,7 +97,7 @@ def generate_rows(engine, drafter, cfg: SpeculativeConfig, prompt_ids: list[list
             keep = torch.tensor([i for i, a in enumerate(alive) if a])
             cache.batch_select_indices(keep.to(device))
             batch.valid, batch.pos = batch.valid[keep.to(device)], batch.pos[keep.to(device)]
-            for name in ("history", "prompt_lengths", "keys"):
+            for name in ("history", "keys"):
                 setattr(batch, name, [getattr(batch, name)[i] for i in keep.tolist()])
             live = [live[i] for i in keep.tolist()]
             alive = [True] * len(live)
@@ -126,8 +131,8 @@ def generate_rows(engine, drafter, cfg: SpeculativeConfig, prompt_ids: list[list
                 p_at, draft.tokens[slot_index].tolist(), children, draft.valid[slot_index].tolist(), rule,
                 uniforms[row], (lambda node, q=q: q[node]) if q is not None else None, draft.without_replacement,
             )
-            raw = torch.log_softmax(row_logits, dim=-1)
             path_cols = [0] + [n + 1 for n in verdict.accepted]
+            raw = torch.log_softmax(row_logits[path_cols], dim=-1)
             emitted = [int(draft.tokens[slot_index, n]) for n in verdict.accepted] + [verdict.token]
             s = stats[row]
             s["rounds"] += 1
@@ -137,9 +142,9 @@ def generate_rows(engine, drafter, cfg: SpeculativeConfig, prompt_ids: list[list
             s["accepted"] += len(verdict.accepted)
             s["tested"] += verdict.tested
             s["alpha_sum"] += sum(verdict.alpha)
-            for col, token in zip(path_cols, emitted, strict=True):
+            for i, token in enumerate(emitted):
                 s["emitted"] += 1
-                if not emit(row, token, float(raw[col, token])):
+                if not emit(row, token, float(raw[i, token])):
                     alive[slot_index] = False
                     break
             kept[slot_index, [n + 1 for n in verdict.accepted]] = True

@@ -10,7 +10,7 @@ row's valid columns, its ancestors and itself.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -39,14 +39,12 @@ class Draft:
 @dataclass
 class Batch:
     history: list[list[int]]  # per row: prompt + emitted tokens; the last one is not yet in the target cache
-    prompt_lengths: list[int]
     keys: list[tuple[str, int]]  # (prompt key, sample index) per row: names its random streams
     cache: object  # the target's DynamicCache of PreallocatedLayers
     valid: torch.Tensor  # [rows, cache length] bool
     pos: torch.Tensor  # [rows] position id of each row's last token
     params: SamplingParams
     seed: int = 0
-    stats: list[dict] = field(default_factory=list)
 
     @property
     def last(self) -> torch.Tensor:
