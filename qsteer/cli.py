@@ -47,7 +47,7 @@ def connect(cluster: DictConfig) -> bool:
     return True
 
 
-def build_groups(roles: tuple[str, ...], cfg: DictConfig) -> dict[str, Any]:
+def build_groups(roles: tuple[str, ...], cfg: DictConfig, draft: dict | None = None) -> dict[str, Any]:
     import ray
 
     from qsteer.actors.group import ActorGroup
@@ -56,7 +56,6 @@ def build_groups(roles: tuple[str, ...], cfg: DictConfig) -> dict[str, Any]:
 
     groups: dict[str, Any] = {}
     has_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    draft = speculative_config(cfg) if "policy" in roles else None
     if "policy" in roles:
         m = cfg.model
         engine_kwargs = OmegaConf.to_container(m.engine_kwargs, resolve=True)
@@ -149,7 +148,8 @@ def run_job(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         # Convert the default model once here, not in every replica, and fail before Ray starts.
         resolve_model_path(cfg.model.path)
     started_ray = connect(cfg.cluster)
-    groups = build_groups(workflow.roles, cfg) if todo else {}
+    draft = speculative_config(cfg)
+    groups = build_groups(workflow.roles, cfg, draft) if todo else {}
     try:
         ctx = Context(
             workflow=OmegaConf.to_container(cfg.workflow, resolve=True),
@@ -160,7 +160,7 @@ def run_job(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
                 top_k=cfg.generation.top_k,
                 stop=list(cfg.generation.stop),
                 seed=cfg.seed,
-                speculative=speculative_config(cfg),
+                speculative=draft,
             ),
             policy=groups.get("policy"),
             reward=groups.get("reward"),

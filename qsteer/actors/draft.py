@@ -45,7 +45,7 @@ class DraftActor:
         drafter = ModelDrafter(self.engine.model, config, self.engine.pad_id)
         if config.adaptive:
             drafter.predictor = self.predictors.setdefault(config.key(), AcceptancePredictor())
-        drafter.begin(SimpleNamespace(history=history, keys=[tuple(k) for k in keys], params=params, seed=params.seed))
+        drafter.begin(SimpleNamespace(history=history, keys=[tuple(k) for k in keys], params=params))
         self.sessions[session] = drafter
 
     def propose(self, session: str, history: list[list[int]]) -> Draft:

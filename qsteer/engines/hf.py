@@ -184,6 +184,18 @@ def left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[
     return ids.to(device), mask.to(device), positions.to(device)
 
 
+def prefill_shared(model, contexts: list[list[int]], slots: list[int], pad_id: int, device: torch.device,
+                   extra_capacity: int) -> tuple[DynamicCache, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prefill each context once and copy its cache to every row `slots` maps to it (n samples share
+    a prompt's prefill). Returns the cache, each row's last logits, its padding mask and positions."""
+    ids, mask, positions = left_pad(contexts, pad_id, device)
+    cache = new_cache(model, ids.shape[1] + extra_capacity)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, logits_to_keep=1)
+    expand = torch.tensor(slots, device=device)
+    cache.reorder_cache(expand)
+    return cache, out.logits[:, -1, :].float()[expand], mask[expand], positions[expand]
+
+
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature, top-k and top-p (nucleus) on a [rows, vocab] batch of logits."""
     logits = logits / params.temperature
@@ -295,16 +307,11 @@ class HFEngine:
     ) -> list[Completion]:
         unique = sorted({p for p, _ in rows})
         slot = {p: i for i, p in enumerate(unique)}
-        ids, mask, positions = left_pad([prompt_ids[p] for p in unique], self.pad_id, self.device)
-        cache = new_cache(self.model, ids.shape[1] + params.max_new_tokens)
-        out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, logits_to_keep=1
+        cache, logits, mask, positions = prefill_shared(
+            self.model, [prompt_ids[p] for p in unique], [slot[p] for p, _ in rows], self.pad_id, self.device,
+            params.max_new_tokens,
         )
-        # n samples share the prompt's prefill: copy its cache rows instead of recomputing them
-        expand = torch.tensor([slot[p] for p, _ in rows], device=self.device)
-        cache.reorder_cache(expand)
-        logits = out.logits[:, -1, :].float()[expand]
-        mask, position = mask[expand], positions[expand, -1]
+        position = positions[:, -1]
 
         num_rows, steps = len(rows), params.max_new_tokens
         budget = torch.tensor([min(steps, self.context_length - len(prompt_ids[p])) for p, _ in rows])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from qsteer.engines.base import Completion, SamplingParams, sample_seed
-from qsteer.engines.hf import left_pad, many_small_rows, new_cache
+from qsteer.engines.hf import many_small_rows, prefill_shared
 from qsteer.speculative.config import SpeculativeConfig
 from qsteer.speculative.state import Batch, ancestors, compact, forward_chunk, processed, uniform_from
 from qsteer.speculative.verify import children_of, draw, verify_tree
@@ -35,13 +35,11 @@ def _generate_rows(engine, drafter, cfg: SpeculativeConfig, prompt_ids: list[lis
     model, device = engine.model, engine.device
     unique = sorted({p for p, _ in rows})
     slot = {p: i for i, p in enumerate(unique)}
-    ids, mask, positions = left_pad([prompt_ids[p] for p in unique], engine.pad_id, device)
-    capacity = ids.shape[1] + params.max_new_tokens + 2 * (drafter.max_nodes + 1) + 64
-    cache = new_cache(model, capacity)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, logits_to_keep=1)
-    expand = torch.tensor([slot[p] for p, _ in rows], device=device)
-    cache.reorder_cache(expand)
-    first_logits = out.logits[:, -1, :].float()[expand]
+    headroom = params.max_new_tokens + 2 * (drafter.max_nodes + 1) + 64
+    cache, first_logits, mask, _ = prefill_shared(
+        model, [prompt_ids[p] for p in unique], [slot[p] for p, _ in rows], engine.pad_id, device, headroom
+    )
+    capacity = mask.shape[1] + headroom
 
     verify_rngs = [torch.Generator().manual_seed(sample_seed(params.seed, keys[p], j)) for p, j in rows]
     uniforms = [uniform_from(g) for g in verify_rngs]
@@ -72,25 +70,23 @@ def _generate_rows(engine, drafter, cfg: SpeculativeConfig, prompt_ids: list[lis
 
     raw_first = torch.log_softmax(first_logits, dim=-1)
     p_first = first_logits if greedy else processed(first_logits, params)
-    running = []
+    alive = []  # per batch slot: still generating
     for r in range(len(rows)):
         token = int(p_first[r].argmax()) if greedy else draw(p_first[r], uniforms[r]())
-        if emit(r, token, float(raw_first[r, token])):
-            running.append(r)
+        alive.append(emit(r, token, float(raw_first[r, token])))
 
     batch = Batch(
         history=[list(prompt_ids[p]) + outputs[r] for r, (p, _) in enumerate(rows)],
         keys=[(keys[p], j) for p, j in rows],
         cache=cache,
-        valid=mask.bool()[expand],
+        valid=mask.bool(),
         pos=torch.tensor([len(prompt_ids[p]) for p, _ in rows], device=device),
         params=params,
-        seed=params.seed,
     )
     live = list(range(len(rows)))  # which row each batch slot holds
-    if running:
+    drafting = any(alive)
+    if drafting:
         drafter.begin(batch)
-    alive = [r in set(running) for r in live]
     while any(alive):
         # finished rows ride along until a quarter of the batch has finished, then the batch shrinks
         if alive.count(False) * 4 >= len(alive):
@@ -153,7 +149,7 @@ def _generate_rows(engine, drafter, cfg: SpeculativeConfig, prompt_ids: list[lis
         batch.valid = torch.cat([batch.valid, kept.to(device)], dim=-1)
         batch.pos = batch.pos + advance.to(device)
         drafter.observe(batch, draft, logits)
-    if running and hasattr(drafter, "finish"):
+    if drafting and hasattr(drafter, "finish"):
         drafter.finish()
 
     completions = []

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from qsteer.engines.base import SamplingParams, sample_seed
-from qsteer.engines.hf import left_pad, new_cache
+from qsteer.engines.hf import prefill_shared
 from qsteer.speculative import layerskip
 from qsteer.speculative.config import SpeculativeConfig
 from qsteer.speculative.state import Batch, Draft, compact, crop, forward_chunk, processed
@@ -55,7 +55,7 @@ class AcceptancePredictor:
 
 
 def row_generators(batch: Batch, salt: str) -> list[torch.Generator]:
-    return [torch.Generator().manual_seed(sample_seed(batch.seed, f"{key}/{salt}", j)) for key, j in batch.keys]
+    return [torch.Generator().manual_seed(sample_seed(batch.params.seed, f"{key}/{salt}", j)) for key, j in batch.keys]
 
 
 def _first_tokens(q0: torch.Tensor, k: int, without_replacement: bool, greedy: bool, rng: torch.Generator) -> list[int]:
@@ -157,15 +157,13 @@ class ModelDrafter:
         self.rngs = row_generators(batch, "draft")
         self.params = batch.params
         contexts = [tuple(h[:-1]) for h in batch.history]
-        unique = sorted(set(contexts), key=contexts.index)
-        ids, mask, positions = left_pad([list(c) for c in unique], self.pad_id, self.device)
-        self.capacity = ids.shape[1] + batch.params.max_new_tokens + 2 * (self.max_nodes + 1) + self.slack
-        self.cache = new_cache(self.model, self.capacity)
-        self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
-                   logits_to_keep=1)
-        expand = torch.tensor([unique.index(c) for c in contexts], device=self.device)
-        self.cache.reorder_cache(expand)
-        self.valid = mask.bool()[expand]
+        unique = list(dict.fromkeys(contexts))
+        slot = {c: i for i, c in enumerate(unique)}
+        headroom = batch.params.max_new_tokens + 2 * (self.max_nodes + 1) + self.slack
+        self.cache, _, mask, _ = prefill_shared(self.model, [list(c) for c in unique], [slot[c] for c in contexts],
+                                                self.pad_id, self.device, headroom)
+        self.capacity = mask.shape[1] + headroom
+        self.valid = mask.bool()
         self.consumed = [len(h) - 1 for h in batch.history]
 
     @torch.inference_mode()

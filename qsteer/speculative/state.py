@@ -44,7 +44,6 @@ class Batch:
     valid: torch.Tensor  # [rows, cache length] bool
     pos: torch.Tensor  # [rows] position id of each row's last token
     params: SamplingParams
-    seed: int = 0
 
     @property
     def last(self) -> torch.Tensor:

@@ -103,9 +103,16 @@ def generate_and_score(
 ) -> tuple[list[list[Completion] | None], list[str | None], list[list[tuple[float | None, dict]]]]:
     """n completions per record and their (reward, info), in one policy and one reward call."""
     completions, errors = generate(records, ctx, n, stats)
+    return completions, errors, score_completions(records, completions, ctx, stats)
+
+
+def score_completions(
+    records: list[dict], completions: list[list[Completion] | None], ctx: Context, stats: Stats
+) -> list[list[tuple[float | None, dict]]]:
+    """(reward, info) for each completion of each record (none for a record that has none)."""
     texts = [[c.text for c in comps] if comps else [] for comps in completions]
     ids = [[c.token_ids for c in comps] if comps else [] for comps in completions]
-    return completions, errors, score(records, texts, ctx, stats, ids)
+    return score(records, texts, ctx, stats, ids)
 
 
 def candidate(text: str, reward: float | None, info: dict, completion: Completion | None = None) -> dict:

@@ -18,7 +18,7 @@ from qsteer.workflows.common import (
     record_stats,
     result,
     reward_error,
-    score,
+    score_completions,
 )
 
 
@@ -35,9 +35,7 @@ def run(records: list[dict], ctx: Context) -> list[dict]:
         started = time.perf_counter()
         plain, _ = generate(records, replace(ctx, params=replace(ctx.params, speculative=None)), n, stats)
         plain_wall = time.perf_counter() - started
-    texts = [[c.text for c in comps] if comps else [] for comps in completions]
-    ids = [[c.token_ids for c in comps] if comps else [] for comps in completions]
-    scored = score(records, texts, ctx, stats, ids)
+    scored = score_completions(records, completions, ctx, stats)
 
     out = []
     share = len(records)
