@@ -1,4 +1,8 @@
-"""Shared fixtures: the real default model, one local Ray for the session, composed configs."""
+"""Shared fixtures: a tiny random-weight model, the real default model, one local Ray, composed configs.
+
+Markers say what a test needs: `model` (the real default model), `ray`, `vllm`, `gpu`. Each of
+them also makes the test `slow`, the tier `make test-fast` skips; `gpu` tests skip without CUDA.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,35 @@ from pathlib import Path
 import pytest
 
 TESTS_DIR = Path(__file__).parent
+
+
+NEEDS = ("model", "ray", "vllm", "gpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    for item in items:
+        if any(item.get_closest_marker(name) for name in NEEDS):
+            item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory) -> str:
+    """A folder holding the tiny random-weight model (tests/tiny_model.py)."""
+    from tiny_model import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny-model")))
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_path):
+    """The hf engine on the tiny model: for mechanism tests of loops, caches and workflows."""
+    from qsteer.engines import build_engine
+
+    return build_engine("hf", path=tiny_path, max_batch_rows=64)
 
 
 @pytest.fixture(scope="session")
@@ -30,8 +63,8 @@ def ray_session():
     """One local Ray for all end-to-end tests; run_job joins it instead of starting its own."""
     import ray
 
-    # Ray workers must import the test-only reward functions in tests/.
-    pythonpath = os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])
+    # Ray workers must import the test-only reward functions in tests/, and this tree's qsteer.
+    pythonpath = os.pathsep.join([str(TESTS_DIR.parent), str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])
     ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
     yield ray
     ray.shutdown()
