@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 
-from qsteer.metrics.win_rate import kl_estimate, prompt_win_rate, win_rate
+from qsteer.metrics.inference_win_rate import kl_estimate, prompt_win_rate, win_rate
 
 
 def brute_force(candidate, reference, procedure, n, opponent, draws) -> float:
@@ -116,6 +116,15 @@ def test_best_of_n_against_best_of_n_recovers_a_known_win_rate() -> None:
     worst = float(np.sum(density * (1 - (1 - u) ** n)) * (u[1] - u[0]))
     result = win_rate(candidate, reference, "won", n, confidence=0.99994)
     assert result.ci_low < worst < result.ci_high and worst > 0.75
+
+
+def test_one_sample_per_side_is_the_paired_comparison() -> None:
+    # With one sample per side per prompt, the win rate is qsteer.metrics.comparison's paired one.
+    from qsteer.metrics.comparison import win_rate as paired
+
+    rng = np.random.default_rng(6)
+    a, b = rng.integers(0, 5, size=50).tolist(), rng.integers(0, 5, size=50).tolist()
+    assert win_rate([[x] for x in a], [[y] for y in b]).win_rate == pytest.approx(paired(a, b), abs=1e-12)
 
 
 def test_one_prompt_interval_and_input_errors() -> None:

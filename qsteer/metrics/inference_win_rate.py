@@ -1,5 +1,8 @@
 """Win rate of a candidate policy against the reference under an inference-time procedure, and their KL.
 
+(Not named `win_rate.py`: `qsteer.metrics.win_rate` is the package's paired comparison function,
+and a submodule of that name would replace it on import.)
+
 InfAlign's win rate of pi_A over pi_B under a procedure T (one sample, Best-of-N, worst-of-N),
 judged by a reward r, ties counting half:
 
@@ -62,6 +65,8 @@ class WinRate:
     num_prompts: int
     procedure: str
     n: int
+    opponent: str
+    draws: str
     per_prompt: tuple[float, ...]
 
 
@@ -95,7 +100,10 @@ def prompt_win_rate(
     opponent: Literal["procedure", "sample"] = "procedure",
     draws: Literal["subsets", "replacement"] = "subsets",
 ) -> float:
-    """One prompt's win rate of the candidate's samples (rewards) over the reference's, ties as half."""
+    """One prompt's win rate of the candidate's samples (rewards) over the reference's, ties as half.
+
+    `n` is the procedure's N (Best-of-N, worst-of-N); plain sampling ignores it.
+    """
     a = np.sort(np.asarray(candidate, dtype=np.float64))
     b = np.sort(np.asarray(reference, dtype=np.float64))
     if a.size == 0 or b.size == 0:
@@ -144,7 +152,8 @@ def win_rate(
         z = NormalDist().inv_cdf(0.5 + confidence / 2)
         half = z * float(per_prompt.std(ddof=1)) / math.sqrt(per_prompt.size)
         low, high = max(0.0, mean - half), min(1.0, mean + half)
-    return WinRate(mean, low, high, int(per_prompt.size), procedure, n, tuple(float(w) for w in per_prompt))
+    per_prompt_values = tuple(float(w) for w in per_prompt)
+    return WinRate(mean, low, high, int(per_prompt.size), procedure, n, opponent, draws, per_prompt_values)
 
 
 @dataclass(frozen=True)
