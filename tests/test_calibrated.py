@@ -215,7 +215,8 @@ def test_none_rewards_pass_through_and_failed_references_are_dropped() -> None:
 
 def test_reference_cache_reuses_scores_across_runs(tmp_path: Path) -> None:
     def run(policy: NumberPolicy, seed: int = 0) -> tuple[list[float], NumberPolicy]:
-        cache = ReferenceCache(tmp_path, model="number-policy", reward="number", sampling={"temperature": 1.0}, seed=seed)
+        sampling = {"temperature": 1.0, "stop": ("\n",)}  # a tuple reads back as a list: still a hit
+        cache = ReferenceCache(tmp_path, model="number-policy", reward="number", sampling=sampling, seed=seed)
         reward = calibrated(number_reward, policy, 32, cache=cache)
         return reward(prompts=["p1", "p2", "p1"], completions=["0.1", "0.2", "0.3"]), policy
 

@@ -91,7 +91,7 @@ class ReferenceCache:
     seed: int = 0
 
     def key(self, prompt: Any, num_reference: int) -> dict[str, Any]:
-        return {
+        key = {
             "model": self.model,
             "reward": self.reward,
             "sampling": dict(self.sampling),
@@ -99,6 +99,11 @@ class ReferenceCache:
             "num_reference": num_reference,
             "prompt": prompt_key(prompt),
         }
+        try:
+            # as it reads back from the file (tuples become lists), so a stored key compares equal
+            return json.loads(json.dumps(key, sort_keys=True))
+        except TypeError as err:
+            raise TypeError(f"reference cache key must be plain JSON data (pass sampling as a dict): {err}") from err
 
     def path(self, key: Mapping[str, Any]) -> Path:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
