@@ -148,6 +148,8 @@ def default_t(kind: Literal["bon", "won"], n: int, kl: float) -> float:
     with this N at this KL budget (nats): the check tool's best t on its grid.
 
     E.g. Best-of-4 at KL 1.0 gives t = 20, Best-of-2 t = 5. It grows with N and with the budget.
+    With N = 1 the procedure is plain sampling and no transform beats identity (the grid's
+    smallest t, 0.5, comes within 3e-4 of it): use `transform=identity` there.
     """
     if n < 1:
         raise ValueError(f"default_t needs N >= 1, got {n}")
