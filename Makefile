@@ -3,9 +3,20 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qsteer-installed
 
-.PHONY: setup run test test-fast lint bench clean
+.PHONY: setup bubblewrap run test test-fast lint bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) bubblewrap
+
+# The sandbox (qsteer/rewards/sandbox.py) runs model-written code only inside bubblewrap and
+# refuses to run without it. Idempotent: nothing happens when bwrap is already installed.
+bubblewrap:
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -q bubblewrap || { apt-get update -q && apt-get install -y -q bubblewrap; }; \
+	  else \
+	    echo "make setup: bubblewrap is missing (apt-get install bubblewrap, as root); reward=code_tests refuses to run without it"; \
+	  fi; }
 
 # Idempotent: the stamp is rebuilt only when pyproject.toml changes.
 $(STAMP): pyproject.toml

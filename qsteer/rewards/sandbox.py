@@ -68,6 +68,7 @@ UID_BASE = 1_900_000_000  # a range no distribution allocates (systemd leaves 18
 UID_SLOTS = 4096
 LOCK_DIR = "/run/qsteer-sandbox"
 FALLBACK_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3")
+BWRAP_SEARCH_PATH = "/usr/bin:/bin:/usr/local/bin"  # system folders only: never a bwrap found on $PATH
 _REASON_CHARS = 500
 _MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 _MAX_DEPTH = 100
@@ -277,7 +278,7 @@ def _bwrap_argv(interpreter: str, binds: list[str], harness_fd: int, status_fd: 
 def _bwrap() -> str:
     import shutil
 
-    path = shutil.which("bwrap", path="/usr/bin:/bin:/usr/local/bin")
+    path = shutil.which("bwrap", path=BWRAP_SEARCH_PATH)
     if path is None:
         raise SandboxUnavailable(
             "bubblewrap is not installed, and code is never run without it: "
@@ -994,16 +995,17 @@ def _describe_names(namespace: dict) -> dict:
 
 
 def _send_and_exit(lines: _Lines | None, message: dict) -> None:
-    try:
-        if lines is not None:
-            lines.send(message)
-    except BaseException:
-        pass
+    # Flushed first: once the judge has the message it exits, and the kernel ends this process.
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except BaseException:
             pass
+    try:
+        if lines is not None:
+            lines.send(message)
+    except BaseException:
+        pass
     os._exit(0)
 
 
