@@ -21,11 +21,13 @@ Run:  .venv/bin/python benchmarks/bench_sandbox.py [--rounds 5] [--problems 40]
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime as dt
 import importlib.util
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -50,6 +52,7 @@ def load_before() -> object:
         capture_output=True, text=True, check=True,
     ).stdout
     folder = Path(tempfile.mkdtemp(prefix="bench_sandbox_"))
+    atexit.register(shutil.rmtree, folder, True)
     os.chmod(folder, 0o755)  # its harness runs as `nobody` and reads this file
     path = folder / "sandbox_before.py"
     path.write_text(source)
@@ -74,7 +77,7 @@ def namespace_cost(reps: int) -> dict:
     interpreter, binds = sandbox._interpreter(None)
     harness_fd = sandbox._memfd("bench", b"")
     status_r, status_w = os.pipe()
-    argv = sandbox._bwrap_argv(interpreter, binds, harness_fd, status_w, 64)
+    argv = sandbox._bwrap_argv([sandbox._bwrap(), interpreter, *binds], harness_fd, status_w, 64)
     argv = argv[: argv.index(interpreter)] + ["/bin/true"]
     plain, wrapped = [], []
     for _ in range(reps):

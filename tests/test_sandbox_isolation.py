@@ -22,6 +22,15 @@ TIMEOUT_S = 3.0
 ADD_TEST = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
 
 
+LOAD_SANDBOX = (
+    "import importlib.util, sys\n"
+    f"spec = importlib.util.spec_from_file_location('sandbox', {sandbox.__file__!r})\n"
+    "module = importlib.util.module_from_spec(spec)\n"
+    "sys.modules['sandbox'] = module\n"
+    "spec.loader.exec_module(module)\n"
+)
+
+
 def test_refuses_to_run_without_bubblewrap(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(sandbox, "BWRAP_SEARCH_PATH", str(tmp_path))  # a folder with no bwrap in it
     with pytest.raises(SandboxUnavailable, match="bubblewrap is not installed"):
@@ -39,12 +48,7 @@ def test_refuses_to_run_where_namespaces_cannot_be_made() -> None:
     # A real environment without user namespaces: this test's own process tree inside a
     # bubblewrap sandbox with --disable-userns, as an unprivileged uid. The sandbox must refuse.
     bwrap = subprocess.run(["which", "bwrap"], capture_output=True, text=True).stdout.strip()
-    script = (
-        "import importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('sandbox', {sandbox.__file__!r})\n"
-        "module = importlib.util.module_from_spec(spec)\n"
-        "sys.modules['sandbox'] = module\n"
-        "spec.loader.exec_module(module)\n"
+    script = LOAD_SANDBOX + (
         "try:\n"
         "    result = module.run_python(\"print('RAN')\")\n"
         "    print('RAN UNISOLATED', result)\n"
@@ -61,6 +65,21 @@ def test_refuses_to_run_where_namespaces_cannot_be_made() -> None:
     assert out.stdout.startswith("REFUSED"), (out.stdout, out.stderr)
     assert "bubblewrap could not set up the sandbox" in out.stdout
     assert "RAN" not in out.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start the caller as another user")
+def test_an_unprivileged_caller_gets_the_same_walls() -> None:
+    script = LOAD_SANDBOX + (
+        "good = module.run_tests('def add(a, b):\\n    return a + b\\n', sys.argv[1], 'add')\n"
+        "bad = module.run_tests('def add(a, b):\\n    return a - b\\n', sys.argv[1], 'add')\n"
+        "print(good.passed, bad.passed, good.net_isolated, good.uid)\n"
+    )
+    caller = sandbox.UID_BASE - 2
+    out = subprocess.run(
+        ["/usr/bin/python3", "-I", "-c", script, ADD_TEST],
+        capture_output=True, text=True, timeout=60, user=caller, group=caller, extra_groups=[], cwd="/",
+    )
+    assert out.stdout.split() == ["True", "False", "True", str(caller)], (out.stdout, out.stderr)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="distinct uids need root; otherwise samples share the caller's")

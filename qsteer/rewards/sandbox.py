@@ -149,17 +149,16 @@ def run_tests(
 
 
 def _run(job: dict, options: dict) -> SandboxResult:
+    bwrap = _bwrap()
     interpreter, binds = _interpreter(options["python"])
     limits = {
         key: options[key] for key in ("timeout_s", "memory_mb", "max_processes", "max_file_mb", "audit_hook")
     }
     with _uid_slot() as uid:
-        return _run_in_bwrap(job, limits, options, interpreter, binds, uid)
+        return _run_in_bwrap(job, limits, options, [bwrap, interpreter, *binds], uid)
 
 
-def _run_in_bwrap(
-    job: dict, limits: dict, options: dict, interpreter: str, binds: list[str], uid: int | None
-) -> SandboxResult:
+def _run_in_bwrap(job: dict, limits: dict, options: dict, paths: list[str], uid: int | None) -> SandboxResult:
     import subprocess  # the harness never needs it before the program runs; see _install_audit_hook
     import tempfile
 
@@ -168,7 +167,7 @@ def _run_in_bwrap(
     status_r, status_w = os.pipe()
     config_fd = _memfd("qsteer-sandbox-config", json.dumps({**job, **limits, "verdict_fd": verdict_w}).encode())
     harness_fd = _memfd("qsteer-sandbox-harness", _harness_source())
-    argv = _bwrap_argv(interpreter, binds, harness_fd, status_w, options["tmp_mb"])
+    argv = _bwrap_argv(paths, harness_fd, status_w, options["tmp_mb"])
     started = time.monotonic()
     deadline = started + timeout_s
     proc = None
@@ -248,9 +247,11 @@ def _decide(verdict: dict | None, returncode: int, timed_out: bool, timeout_s: f
     return passed, str(verdict.get("reason"))[:_REASON_CHARS], verdict.get("tampered") is True
 
 
-def _bwrap_argv(interpreter: str, binds: list[str], harness_fd: int, status_fd: int, tmp_mb: int) -> list[str]:
+def _bwrap_argv(paths: list[str], harness_fd: int, status_fd: int, tmp_mb: int) -> list[str]:
+    """bwrap's command line; `paths` is [bwrap, the interpreter, folders to bind read-only]."""
+    bwrap, interpreter, *binds = paths
     argv = [
-        _bwrap(), "--unshare-all", "--unshare-user", "--disable-userns",
+        bwrap, "--unshare-all", "--unshare-user", "--disable-userns",
         "--die-with-parent", "--new-session", "--as-pid-1", "--hostname", "sandbox",
         "--ro-bind", "/usr", "/usr",
     ]
