@@ -7,7 +7,7 @@ STAMP := $(VENV)/.qsteer-installed
 
 setup: $(STAMP) bubblewrap
 
-# The sandbox (qsteer/rewards/sandbox.py) runs model-written code only inside bubblewrap and
+# The sandbox (qsteer/rewards/sandbox/) runs model-written code only inside bubblewrap and
 # refuses to run without it. Idempotent: nothing happens when bwrap is already installed.
 bubblewrap:
 	@command -v bwrap >/dev/null 2>&1 || { \

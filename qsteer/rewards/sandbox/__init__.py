@@ -23,7 +23,7 @@ The walls, from the kernel outwards:
 When any of this cannot be set up (bwrap missing, namespaces refused, no interpreter an
 unprivileged uid can run), `SandboxUnavailable` is raised and nothing runs: never fail open.
 
-The verdict. Two processes run in the sandbox: the judge (pid 1) and the program. The judge
+The verdict. Two processes run in the sandbox (harness.py): the judge (pid 1) and the program. The judge
 receives the test on a descriptor the program never sees, makes itself non-dumpable (so the
 same uid cannot ptrace it or open its /proc files), starts the program in a fresh interpreter
 and, for `run_tests`, executes the test's `check(candidate)` in its own interpreter, where
@@ -35,9 +35,11 @@ it cannot change the test's code; the judge alone writes the verdict, on a pipe 
 For `run_python` the program is its own test (it passes when it runs to its end), so a hostile
 program there can always claim success: use `run_tests` for solutions that are to be judged.
 
-Cost, measured by benchmarks/bench_sandbox.py (docs/sandbox.md): the namespaces add ~10 ms per
-sample; with the judge's second interpreter, a HumanEval sample went from 131 to 160 ms on this
-2-core machine (0.82x the samples per second), and scoring is 99% sandbox time either way.
+Cost, measured by benchmarks/bench_sandbox.py against the previous sandbox in the same run
+(docs/sandbox.md): the namespaces add 10-15 ms per sample; an empty program costs the same as
+before (1.01x the runs per second: the system Python starts faster than the venv's), a
+HumanEval sample with its test 0.87x (the judge's interpreter and the calls over the pipe);
+scoring is 99% sandbox time either way.
 """
 
 from __future__ import annotations
