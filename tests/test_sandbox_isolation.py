@@ -195,6 +195,12 @@ def test_plain_values_cross_exactly() -> None:
     assert result.passed, result
 
 
+def test_a_judged_solution_is_imported_not_run_as_a_script() -> None:
+    solution = "def add(a, b):\n    return a + b\n\nif __name__ == '__main__':\n    print(add(input(), 1))\n"
+    assert run_tests(solution, ADD_TEST, "add", timeout_s=TIMEOUT_S).passed
+    assert not run_python(solution, timeout_s=TIMEOUT_S).passed  # as a script it reads stdin, which is empty
+
+
 def test_a_deeply_nested_return_value_fails_the_sample_only() -> None:
     solution = "def add(a, b):\n    x = []\n    for _ in range(100000):\n        x = [x]\n    return x\n"
     result = run_tests(solution, ADD_TEST, "add", timeout_s=TIMEOUT_S)

@@ -419,9 +419,12 @@ def _program_main(read_fd: int, write_fd: int) -> None:
     if first.get("audit_hook"):
         _install_audit_hook(blocked)
     linecache.cache[SOLUTION_NAME] = (len(source), None, source.splitlines(True), SOLUTION_NAME)
-    module = types.ModuleType("__main__")
+    # A judged solution is imported, as HumanEval's harness does: its `if __name__ == "__main__"`
+    # demo does not run. A plain program is a script.
+    name = "__main__" if mode == "program" else "solution"
+    module = types.ModuleType(name)
     module.__file__ = SOLUTION_NAME
-    sys.modules["__main__"] = module  # pickle, dataclasses and friends look the code up here
+    sys.modules[name] = module  # pickle, dataclasses and friends look the code up here
     sys.argv = [SOLUTION_NAME]
     try:
         exec(compile(source, SOLUTION_NAME, "exec"), module.__dict__)
