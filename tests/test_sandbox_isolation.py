@@ -173,6 +173,7 @@ def test_plain_values_cross_exactly() -> None:
     solution = (
         "def echo(x):\n    return x\n"
         "def boom(x):\n    raise ValueError(f'bad {x}')\n"
+        "def evens(n):\n    return (i for i in range(n) if i % 2 == 0)\n"
         "import math\nLIMIT = 3\n"
     )
     test = (
@@ -190,9 +191,17 @@ def test_plain_values_cross_exactly() -> None:
         "    else:\n"
         "        raise AssertionError('boom did not raise')\n"
         "    assert candidate(x=4) == 4\n"
+        "    assert list(evens(7)) == [0, 2, 4, 6] and evens(7) != [0, 2, 4, 6]\n"
     )
     result = run_tests(solution, test, "echo", timeout_s=TIMEOUT_S)
     assert result.passed, result
+
+
+def test_a_program_that_dies_mid_call_fails_even_if_the_test_swallows_it() -> None:
+    solution = "import os\ndef add(a, b):\n    os._exit(0)\n"
+    test = "def check(candidate):\n    try:\n        candidate(1, 2)\n    except BaseException:\n        pass\n"
+    result = run_tests(solution, test, "add", timeout_s=TIMEOUT_S)
+    assert not result.passed and "exited" in result.reason, result.reason
 
 
 def test_a_judged_solution_is_imported_not_run_as_a_script() -> None:

@@ -68,6 +68,10 @@ def _encode(value: object, budget: list[int], depth: int = 0) -> object:
     for base in (bool, int, float, complex, str, bytes, list, tuple, dict, set, frozenset):
         if isinstance(value, base):  # numpy.float64 and friends: their plain value
             return _encode(base(value), budget, depth)
+    if hasattr(kind, "__next__") and hasattr(kind, "__iter__"):
+        # A generator, map or zip: its items, read here, arrive as an iterator over them (so
+        # `list(candidate(x))` works and `candidate(x) == [...]` stays False, as in one interpreter).
+        return ["iterator", [_encode(item, budget, depth + 1) for item in value]]
     return ["opaque", kind.__qualname__]
 
 
@@ -114,6 +118,8 @@ def _decode(data: object, depth: int = 0) -> object:
         return container(_decode(item, depth + 1) for item in rest[0])
     if tag == "dict":
         return {_decode(k, depth + 1): _decode(v, depth + 1) for k, v in rest[0]}
+    if tag == "iterator":
+        return iter([_decode(item, depth + 1) for item in rest[0]])
     if tag == "opaque":
         return Opaque(str(rest[0]))
     raise ValueError(f"unknown tag {tag!r}")
@@ -270,7 +276,7 @@ def _blocked_reason(blocked: list) -> str:
 class _Channel:
     def __init__(self, lines: _Lines, program: object) -> None:
         self.lines, self.program = lines, program
-        self.tampered: str | None = None
+        self.failure: _Verdict | None = None  # the first, kept even if the test swallows it
         self.blocked: list = []
 
     def receive_or_exit(self, when: str) -> dict:
@@ -289,6 +295,13 @@ class _Channel:
 
     def call(self, name: str, args: tuple, kwargs: dict) -> object:
         try:
+            return self._call(name, args, kwargs)
+        except _Verdict as verdict:
+            self.failure = self.failure or verdict
+            raise
+
+    def _call(self, name: str, args: tuple, kwargs: dict) -> object:
+        try:
             payload = {"call": name, "args": _encode(list(args), [_MAX_ITEMS]), "kwargs": _encode(kwargs, [_MAX_ITEMS])}
         except (_Tampered, _TooBig) as exc:
             raise _Verdict(f"unsupported test: it passes the candidate something that is not plain data ({exc})") from None
@@ -300,8 +313,7 @@ class _Channel:
         if self.blocked:
             raise _Verdict(_blocked_reason(self.blocked))
         if "tampered" in reply:
-            self.tampered = f"tampered: {name} {reply['tampered']}"
-            raise _Verdict(self.tampered, tampered=True)
+            raise _Verdict(f"tampered: {name} {reply['tampered']}", tampered=True)
         if "return" in reply:
             try:
                 return _decode(reply["return"])
@@ -388,8 +400,8 @@ def _run_test(config: dict, ready: dict, channel: _Channel) -> tuple[bool, str, 
         except BaseException:
             pass
     # Sticky: a test that swallowed the failure with a bare except does not pass either.
-    if channel.tampered:
-        return False, channel.tampered, True
+    if channel.failure is not None:
+        return False, channel.failure.reason, channel.failure.tampered
     if channel.blocked:
         return False, _blocked_reason(channel.blocked), False
     return passed, reason, False
