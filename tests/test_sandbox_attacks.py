@@ -76,7 +76,7 @@ def test_a_sample_cannot_rewrite_the_programs_of_samples_beside_it() -> None:
         "own = os.open('.', os.O_RDONLY)\n"
         "os.makedirs('x', exist_ok=True)\n"
         "os.chdir('x')\n"
-        "deadline = time.time() + 2.5\n"
+        "deadline = time.time() + 1.5\n"
         "while time.time() < deadline:\n"
         "    for name in os.listdir('/tmp'):\n"
         "        for victim in (f'../{name}/main.py', f'../{name}/solution.py'):\n"
@@ -87,15 +87,15 @@ def test_a_sample_cannot_rewrite_the_programs_of_samples_beside_it() -> None:
         "            except OSError:\n"
         "                pass\n"
     )
-    results = score([attacker] + [WRONG_ADD] * 8)
-    assert [r["reward"] for r in results[1:]] == [0.0] * 8, [r["info"] for r in results[1:]]
+    results = score([attacker] + [WRONG_ADD] * 6)
+    assert [r["reward"] for r in results[1:]] == [0.0] * 6, [r["info"] for r in results[1:]]
 
 
 def test_a_sample_cannot_kill_the_samples_beside_it() -> None:
     attacker = (
         RIGHT_ADD
         + "import os, signal, time\n"
-        "deadline = time.time() + 2.5\n"
+        "deadline = time.time() + 1.5\n"
         "while time.time() < deadline:\n"
         "    for name in os.listdir('/proc'):\n"
         "        if not name.isdigit() or int(name) == os.getpid():\n"
@@ -107,8 +107,8 @@ def test_a_sample_cannot_kill_the_samples_beside_it() -> None:
         "            pass\n"
     )
     slow_right = RIGHT_ADD + "import time\ntime.sleep(0.3)\n"
-    results = score([attacker] + [slow_right] * 6)
-    assert [r["reward"] for r in results[1:]] == [1.0] * 6, [r["info"] for r in results[1:]]
+    results = score([attacker] + [slow_right] * 4)
+    assert [r["reward"] for r in results[1:]] == [1.0] * 4, [r["info"] for r in results[1:]]
 
 
 # ------------------------------------------------------------------ the hook switched off
