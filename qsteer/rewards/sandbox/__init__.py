@@ -50,6 +50,7 @@ import select
 import signal
 import stat
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import IO, Any
@@ -340,6 +341,7 @@ class _uid_slot:  # noqa: N801 - used as a context manager, like a function
     """
 
     _dir_fd = -1
+    _dir_lock = threading.Lock()  # the first samples of a thread pool arrive together
 
     def __enter__(self) -> int | None:
         if os.geteuid() != 0:
@@ -367,6 +369,11 @@ class _uid_slot:  # noqa: N801 - used as a context manager, like a function
 
     @classmethod
     def _lock_dir(cls) -> int:
+        with cls._dir_lock:
+            return cls._open_lock_dir()
+
+    @classmethod
+    def _open_lock_dir(cls) -> int:
         if cls._dir_fd < 0:
             try:
                 try:
