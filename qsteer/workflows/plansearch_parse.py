@@ -70,7 +70,7 @@ __all__ = [
 PARSE_TEMPERATURES: tuple[float, ...] = (0.0, 0.2, 0.4)
 """Temperatures of the tries at the Python-list turn (the reference's 0.2 x attempt, three attempts)."""
 
-Ask = Callable[[list[Conversation], "float | None"], list[str]]
+Ask = Callable[[list[Conversation], float | None], list[str]]
 """A batched chat call: one reply per conversation; the temperature overrides the sampling one when set."""
 
 
