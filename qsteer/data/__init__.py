@@ -18,6 +18,7 @@ from typing import Any
 __all__ = ["DATASETS", "DatasetError", "load_dataset", "prompt_text", "validate_record"]
 
 SENTIMENT_FILE = Path(__file__).with_name("sentiment.jsonl")
+BASIC_CODE_FILE = Path(__file__).with_name("basic_code.jsonl")
 
 HUMANEVAL_INSTRUCTION = (
     "Complete the following Python function. Reply with the whole function in a single ```python code block."
@@ -154,9 +155,26 @@ def _humaneval_record(problem: dict[str, Any], instruction: str, source: str) ->
     )
 
 
+def _load_basic_code(
+    path: str | None = None, instruction: str = HUMANEVAL_INSTRUCTION
+) -> Iterator[dict[str, Any]]:
+    # 70 short problems written for qsteer that SmolLM2-135M can sometimes solve: HumanEval
+    # format plus `public_tests`, the docstring examples as asserts, for selecting candidates.
+    source = str(path or BASIC_CODE_FILE)
+    return (_basic_code_record(record, instruction, source) for record in read_jsonl(source))
+
+
+def _basic_code_record(record: dict[str, Any], instruction: str, source: str) -> dict[str, Any]:
+    public_tests = record.get("public_tests")
+    if not isinstance(public_tests, list) or not all(isinstance(test, str) for test in public_tests):
+        raise DatasetError(f"{source}: record {record['id']!r}: 'public_tests' must be a list of assert strings")
+    return {**_humaneval_record({**record, "task_id": record["id"]}, instruction, source), "public_tests": public_tests}
+
+
 DATASETS: dict[str, Loader] = {
     "sentiment": _load_sentiment,
     "humaneval": _load_humaneval,
+    "basic_code": _load_basic_code,
     "jsonl": _load_jsonl,
 }
 
