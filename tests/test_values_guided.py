@@ -48,23 +48,24 @@ def test_alpha_zero_is_the_base_top_k_law_and_draws_the_same_tokens(tiny_logprob
     law = guided_logprobs(top_lp, values, alpha=0.0).exp()
     assert (law - base.gather(-1, top_ids)).abs().max() < 1e-7
     # the draws: the same uniform gives the token the base policy's top-k sampler gives
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(200):
-        uniforms = torch.rand(logprobs.shape[0], generator=gen)
-        ours = sample_guided(top_ids, top_lp, values, 0.0, uniforms)
-        theirs = sample_tokens(logprobs, SamplingParams(top_k=k), uniforms)
-        assert torch.equal(ours, theirs)
+    draws = 100
+    uniforms = torch.rand(draws * logprobs.shape[0], generator=torch.Generator().manual_seed(1))
+    ours = sample_guided(top_ids.repeat(draws, 1), top_lp.repeat(draws, 1), values.repeat(draws, 1), 0.0, uniforms)
+    theirs = sample_tokens(logprobs.repeat(draws, 1), SamplingParams(top_k=k), uniforms)
+    assert torch.equal(ours, theirs)
+    if k > 1:
+        assert len(set(ours.tolist())) > logprobs.shape[0]  # the draws do vary within a row
 
 
 def test_alpha_zero_with_top_k_the_vocabulary_is_plain_sampling(tiny_logprobs):
     vocab = tiny_logprobs.shape[-1]
     top_lp, top_ids = tiny_logprobs.topk(vocab, dim=-1)
     values = torch.rand(top_lp.shape, generator=torch.Generator().manual_seed(2))
-    gen = torch.Generator().manual_seed(3)
-    for _ in range(50):
-        uniforms = torch.rand(tiny_logprobs.shape[0], generator=gen)
-        plain = sample_tokens(tiny_logprobs, SamplingParams(), uniforms)
-        assert torch.equal(sample_guided(top_ids, top_lp, values, 0.0, uniforms), plain)
+    draws = 20
+    uniforms = torch.rand(draws * tiny_logprobs.shape[0], generator=torch.Generator().manual_seed(3))
+    plain = sample_tokens(tiny_logprobs.repeat(draws, 1), SamplingParams(), uniforms)
+    ours = sample_guided(top_ids.repeat(draws, 1), top_lp.repeat(draws, 1), values.repeat(draws, 1), 0.0, uniforms)
+    assert torch.equal(ours, plain)
 
 
 def test_the_law_is_invariant_to_a_per_row_shift_of_the_logprobs():

@@ -166,6 +166,7 @@ class TabularValue(nn.Module):
         index, _ = _prefix_index(input_ids)
         return self.table[index.clamp(max=NUM_PREFIXES - 1)]
 
+    @torch.no_grad()
     def value_of(self, completion: tuple[int, ...]) -> float:
         ids = torch.tensor([[BOS, *completion]])
         return float(self.state_values(ids)[0, -1])
