@@ -191,14 +191,16 @@ def load_value_model(path: str | Path, policy: nn.Module | None = None,
 
 
 def value_pad_id(tokenizer, end_ids: list[int]) -> int:
-    """A pad token that is no end token, so sequence-classification pooling keeps a final EOS."""
-    pad = tokenizer.pad_token_id
-    if pad is not None and pad not in end_ids:
-        return pad
-    for token_id in tokenizer.all_special_ids:
-        if token_id not in end_ids:
+    """A pad token that is no end token, so sequence-classification pooling keeps a final EOS.
+
+    Preference: the tokenizer's pad, its unknown token, then any special token but BOS and the
+    end tokens (SmolLM2 pads with its EOS; its unknown token <|endoftext|> appears in no chat text).
+    """
+    avoid = set(end_ids) | {tokenizer.bos_token_id}
+    for token_id in (tokenizer.pad_token_id, tokenizer.unk_token_id, *tokenizer.all_special_ids):
+        if token_id is not None and token_id not in avoid:
             return token_id
-    raise ValueError("the tokenizer has no special token besides its end tokens to pad a value model with")
+    raise ValueError("the tokenizer has no special token besides BOS and its end tokens to pad a value model with")
 
 
 def value_chat_template(policy_template: str) -> str:
