@@ -48,7 +48,11 @@ class ModelReward:
             raise ValueError(f"reward.kwargs.batch_size={batch_size} must be at least 1")
         if dtype not in _DTYPES:
             raise ValueError(f"reward.kwargs.dtype={dtype!r} is not one of: {', '.join(_DTYPES)}")
-        self.path = resolve_model_path(model_path)
+        try:
+            self.path = resolve_model_path(model_path)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"reward.kwargs.model_path={model_path!r}: no such model folder "
+                                    f"(a folder with config.json, or a hub id)") from err
         config = AutoConfig.from_pretrained(self.path, trust_remote_code=trust_remote_code)
         if config.num_labels != 1:
             raise ValueError(f"reward.kwargs.model_path={model_path!r} has num_labels={config.num_labels}; "
