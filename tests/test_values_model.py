@@ -178,8 +178,10 @@ def test_fudge_fits_base_samples(tiny_path, policy, plain_samples, kind, backbon
     assert losses[-1] < losses[0] / 4
     assert min(m["final_correlation"] for m in fitted) > 0.5, fitted
     assert min(m["first_correlation"] for m in fitted) > 0.3, fitted  # the prompt's part, read from a prefix
-    if backbone == "policy":  # the policy itself is untouched
+    if backbone == "policy":  # the policy itself is untouched, and stayed in eval mode
         assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
+        model.train()
+        assert not policy.training and model.head.training
 
 
 def test_saved_scalar_value_is_a_sequence_classifier_and_a_reward_model(tiny_path, policy, tokenizer, samples,

@@ -95,6 +95,13 @@ class ValueModel(nn.Module):
             head.bias.zero_()
         return cls(kind, policy.base_model, head, policy, on_policy=True)
 
+    def train(self, mode: bool = True) -> ValueModel:
+        """Training a head on the policy leaves the policy in eval mode (no dropout in its features)."""
+        super().train(mode)
+        if self.on_policy:
+            self.wrapper.eval()
+        return self
+
     # -- forward --------------------------------------------------------------------------------
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The backbone's last hidden state [B, T, H] (after its final norm, what an LM head reads)."""
