@@ -113,3 +113,21 @@ def test_bad_configuration_is_refused_with_the_key(tiny_path, tmp_path):
         build_reward("model", model_path=str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="batch_size"):
         build_reward("model", model_path=str(tmp_path / "three"), batch_size=0)
+
+
+@pytest.mark.ray
+def test_reward_model_scores_through_the_score_workflow(ray_session, compose, tmp_path):
+    """End to end: `qsteer workflow=score reward=model reward.kwargs.model_path=...` in a reward actor."""
+    import json
+
+    from qsteer.cli import run_job
+
+    folder = own_tokenizer_model(tmp_path / "rm")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p, "completion": c}) + "\n"
+                            for i, (p, c) in enumerate(zip(PROMPTS[:3], COMPLETIONS[:3], strict=True))))
+    run_job(compose("workflow=score", "dataset=jsonl", f"dataset.path={data}", "reward=model",
+                    f"reward.kwargs.model_path={folder}", "reward.num_cpus=0"), tmp_path / "run")
+    got = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    expected = direct_scores(folder, [p + c for p, c in zip(PROMPTS[:3], COMPLETIONS[:3], strict=True)])
+    assert [r["reward"] for r in sorted(got, key=lambda r: r["id"])] == pytest.approx(expected, abs=1e-5)
