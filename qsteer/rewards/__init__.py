@@ -23,6 +23,7 @@ BUILTIN_REWARDS = {
     "sentiment": "qsteer.rewards.sentiment:SentimentReward",
     "code_tests": "qsteer.rewards.code_tests:CodeTestsReward",
     "judge": "qsteer.rewards.judge:JudgeReward",
+    "model": "qsteer.rewards.model:ModelReward",
 }
 
 
