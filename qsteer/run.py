@@ -1,0 +1,224 @@
+"""run_job: one job into one run folder.
+
+Checks the config, loads the dataset, resumes from the folder's `results.jsonl`, connects to (or
+starts) Ray, builds the role groups the workflow needs, runs the workflow over batches of prompts
+and appends each finished record; ends with `summary.json`. Tests hand it in-process role groups
+instead, and it then runs without Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from qsteer.config import ConfigError, check_config, speculative_config
+from qsteer.data import load_dataset
+from qsteer.engines import SamplingParams
+from qsteer.models import resolve_model_path
+from qsteer.results import ResultsFile, config_changes, summarize, write_atomic
+from qsteer.workflows import WORKFLOWS, Context, Workflow
+
+
+def run_job(cfg: DictConfig, out_dir: str | Path, roles: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run one job into `out_dir`; returns the summary.
+
+    `roles` ("policy", "reward": groups with the interfaces of `actors/roles.py`) replaces Ray:
+    the job then runs on them, and they stay the caller's.
+    """
+    started = time.perf_counter()
+    check_config(cfg)
+    records = load_dataset(cfg.dataset.name, path=cfg.dataset.path, limit=cfg.dataset.limit)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = ResultsFile(out_dir / "results.jsonl")
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    if results.done_ids and (out_dir / "config.yaml").exists():
+        changes = config_changes(yaml.safe_load((out_dir / "config.yaml").read_text()), resolved)
+        if changes:
+            raise ConfigError(
+                f"{out_dir} holds results of a different config, so resuming would mix them "
+                f"({'; '.join(changes)}); choose another hydra.run.dir"
+            )
+    write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    todo = [r for r in records if r["id"] not in results.done_ids]
+    workflow = WORKFLOWS[cfg.workflow.name]
+    draft = speculative_config(cfg)
+
+    own_roles = roles is None
+    started_ray = False
+    if own_roles:
+        if "policy" in workflow.roles and cfg.cluster.address is None:
+            # Convert the default model once here, not in every replica, and fail before Ray starts.
+            resolve_model_path(cfg.model.path)
+        started_ray = connect(cfg.cluster)
+        roles = build_roles(workflow.roles, cfg, draft) if todo else {}
+    try:
+        ctx = context(cfg, roles, draft)
+        failures = run_batches(workflow, todo, ctx, results, cfg, total=len(records))
+        replica_calls = [info["calls"] for info in ctx.policy.info()] if ctx.policy is not None else []
+    finally:
+        if own_roles:
+            for group in roles.values():
+                group.shutdown()
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+    summary = summarize(
+        cfg.workflow.name, results.read(), wall_s=time.perf_counter() - started,
+        new_tokens=results.new_tokens, unfinished=failures, policy_replica_calls=replica_calls,
+    )
+    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def context(cfg: DictConfig, roles: dict[str, Any], draft: dict | None) -> Context:
+    policy = roles.get("policy")
+    return Context(
+        workflow=cfg.workflow,
+        params=SamplingParams(
+            max_new_tokens=cfg.generation.max_new_tokens,
+            temperature=cfg.generation.temperature,
+            top_p=cfg.generation.top_p,
+            top_k=cfg.generation.top_k,
+            stop=list(cfg.generation.stop),
+            seed=cfg.seed,
+            speculative=draft,
+        ),
+        policy=policy,
+        reward=roles.get("reward"),
+        chat=bool(cfg.model.chat_template),
+        **({"context_length": policy.info()[0]["context_length"]} if policy is not None else {}),
+    )
+
+
+def run_batches(workflow: Workflow, todo: list[dict], ctx: Context, results: ResultsFile, cfg: DictConfig,
+                total: int) -> list[str]:
+    """Run the workflow over batches, appending records as each batch finishes; the failed batches."""
+    from tqdm import tqdm
+
+    batches = [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
+    failures: list[str] = []
+    lanes = len(ctx.policy) if ctx.policy is not None else len(ctx.reward) if ctx.reward is not None else 1
+    bar = tqdm(total=total, initial=total - len(todo), desc=cfg.workflow.name, unit="prompt",
+               disable=not cfg.progress, file=sys.stderr)
+    # One thread per replica keeps every replica busy; records are written as batches finish.
+    with ThreadPoolExecutor(max_workers=max(1, lanes)) as pool:
+        pending = {pool.submit(workflow.run, batch, ctx): batch for batch in batches}
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                batch = pending.pop(future)
+                try:
+                    for row in future.result():
+                        results.append(row)
+                except Exception as err:  # a dead actor or similar: left for a rerun to retry
+                    failures.append(f"{[r['id'] for r in batch]}: {type(err).__name__}: {err}")
+                bar.update(len(batch))
+    bar.close()
+    return failures
+
+
+def connect(cluster: DictConfig) -> bool:
+    """Join or start Ray; True when this call started it (and so should stop it)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if cluster.address is None:
+        ray.init(
+            num_cpus=cluster.num_cpus,
+            include_dashboard=bool(cluster.dashboard),
+            dashboard_host="127.0.0.1",
+            namespace=cluster.namespace,
+            log_to_driver=True,
+        )
+    else:
+        ray.init(address=cluster.address, namespace=cluster.namespace)
+    return True
+
+
+def build_roles(roles: tuple[str, ...], cfg: DictConfig, draft: dict | None = None) -> dict[str, Any]:
+    """The Ray groups of the roles a workflow needs, with resources from the config."""
+    import ray
+
+    from qsteer.actors.group import ActorGroup, attach_drafts
+    from qsteer.actors.policy import PolicyActor
+    from qsteer.actors.reward import RewardActor
+    from qsteer.actors.roles import PolicyGroup, RewardGroup
+
+    groups: dict[str, Any] = {}
+    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    if "policy" in roles:
+        m = cfg.model
+        engine_kwargs = OmegaConf.to_container(m.engine_kwargs, resolve=True)
+        if draft is not None and m.engine == "vllm":
+            engine_kwargs["speculative"] = draft  # vLLM fixes its speculative_config at engine start
+        # vLLM with tensor parallelism places its own GPU workers (Ray actors in a placement group
+        # of tensor_parallel_size bundles, distributed_executor_backend="ray"): the actor needs none.
+        own_gpu = has_gpu and not (m.engine == "vllm" and int(engine_kwargs.get("tensor_parallel_size", 1)) > 1)
+        num_gpus = (1 if own_gpu else 0) if m.num_gpus == "auto" else m.num_gpus
+        threads = m.num_threads
+        if threads is None and cfg.cluster.address is None and not num_gpus:
+            threads = max(1, (os.cpu_count() or 1) // m.replicas)
+        policy = ActorGroup(
+            PolicyActor,
+            role="model",
+            replicas=m.replicas,
+            num_cpus=m.num_cpus,
+            num_gpus=num_gpus,
+            max_restarts=m.max_restarts,
+            engine=m.engine,
+            num_threads=threads,
+            path=m.path,
+            dtype=m.dtype,
+            device=m.device,
+            max_batch_rows=m.max_batch_rows,
+            chat_template=m.chat_template,
+            **engine_kwargs,
+        )
+        groups["policy"] = PolicyGroup(policy)
+        if draft is not None and draft["kind"] == "model" and not draft.get("colocate", True) and m.engine == "hf":
+            draft_group = build_draft_group(cfg, has_gpu)
+            attach_drafts(policy, draft_group)
+            groups["draft"] = draft_group
+    if "reward" in roles:
+        r = cfg.reward
+        groups["reward"] = RewardGroup(ActorGroup(
+            RewardActor,
+            role="reward",
+            replicas=r.replicas,
+            num_cpus=r.num_cpus,
+            num_gpus=r.num_gpus,
+            max_restarts=r.max_restarts,
+            name=r.name,
+            target=r.target,
+            kwargs=OmegaConf.to_container(r.kwargs, resolve=True),
+        ))
+    return groups
+
+
+def build_draft_group(cfg: DictConfig, has_gpu: bool):
+    """Draft actors for a model draft that does not live inside the policy actors."""
+    from qsteer.actors.draft import DraftActor
+    from qsteer.actors.group import ActorGroup
+
+    a = cfg.draft.actor
+    num_gpus = (1 if has_gpu else 0) if a.num_gpus == "auto" else a.num_gpus
+    threads = a.num_threads
+    if threads is None and cfg.cluster.address is None and not num_gpus:
+        threads = os.cpu_count() or 1  # drafting and verifying alternate, so each may use every core
+    return ActorGroup(
+        DraftActor, role="draft", replicas=a.replicas, num_cpus=a.num_cpus, num_gpus=num_gpus,
+        max_restarts=a.max_restarts, num_threads=threads, path=cfg.draft.path or cfg.model.path,
+        dtype=a.dtype, device=a.device, chat_template=cfg.model.chat_template,
+    )
