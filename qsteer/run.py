@@ -135,7 +135,10 @@ def connect(cluster: DictConfig) -> bool:
     if ray.is_initialized():
         return False
     if cluster.address is None:
+        # "local" always starts a private instance; None would join RAY_ADDRESS or the last cluster
+        # started on this machine (/tmp/ray), and hang retrying one that has died.
         ray.init(
+            address="local",
             num_cpus=cluster.num_cpus,
             include_dashboard=bool(cluster.dashboard),
             dashboard_host="127.0.0.1",
