@@ -5,6 +5,7 @@ The job itself (checks, resume, Ray, batches, files) is `run.run_job`.
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,11 @@ def _hydra_main(cfg: DictConfig) -> None:
     except (ConfigError, DatasetError, ModelNotFoundError) as err:
         print(f"qsteer: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (run.Stopped)
+        signum = getattr(stop, "signum", signal.SIGINT)
+        print(f"qsteer: stopped by {signal.Signals(signum).name}; every finished record is in "
+              f"{out_dir / 'results.jsonl'}; rerun the same command to resume", file=sys.stderr)
+        sys.exit(128 + signum)
     print_summary(summary, out_dir)
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -53,32 +55,71 @@ def run_job(cfg: DictConfig, out_dir: str | Path, roles: dict[str, Any] | None =
     draft = speculative_config(cfg)
 
     own_roles = roles is None
-    started_ray = False
-    if own_roles:
-        if "policy" in workflow.roles and cfg.cluster.address is None:
-            # Convert the default model once here, not in every replica, and fail before Ray starts.
-            resolve_model_path(cfg.model.path)
-        started_ray = connect(cfg.cluster)
-        roles = build_roles(workflow.roles, cfg, draft) if todo else {}
+    started_ray, stopped, previous = False, None, None
+    failures: list[str] = []
+    replica_calls: list[int] = []
     try:
+        if own_roles:
+            roles = {}
+            if "policy" in workflow.roles and cfg.cluster.address is None:
+                # Convert the default model once here, not in every replica, and fail before Ray starts.
+                resolve_model_path(cfg.model.path)
+            started_ray = connect(cfg.cluster)
+            previous = _stop_on_sigterm()  # after ray.init, whose own handler would exit at once
+            if todo:
+                build_roles(workflow.roles, cfg, draft, into=roles)
         ctx = context(cfg, roles, draft)
         failures = run_batches(workflow, todo, ctx, results, cfg, total=len(records))
         replica_calls = [info["calls"] for info in ctx.policy.info()] if ctx.policy is not None else []
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM through the CLI's handler: keep what finished
+        stopped = err
+        _ignore_signals()  # a second Ctrl-C must not cut the cleanup short and orphan Ray's processes
     finally:
         if own_roles:
-            for group in roles.values():
+            for group in (roles or {}).values():
                 group.shutdown()
         if started_ray:
             import ray
 
             ray.shutdown()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
     summary = summarize(
         cfg.workflow.name, results.read(), wall_s=time.perf_counter() - started,
         new_tokens=results.new_tokens, unfinished=failures, policy_replica_calls=replica_calls,
     )
+    if stopped is not None:
+        summary["metrics"]["stopped_by"] = signal.Signals(getattr(stopped, "signum", signal.SIGINT)).name
     write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if stopped is not None:
+        raise stopped
     return summary
+
+
+class Stopped(KeyboardInterrupt):
+    """The run was stopped by a signal (SIGTERM; Ctrl-C raises KeyboardInterrupt itself)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop_on_sigterm() -> Any:
+    """Make SIGTERM unwind the run as Ctrl-C does; returns the handler it replaced (None off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Stopped(signum)
+
+    return signal.signal(signal.SIGTERM, stop)
+
+
+def _ignore_signals() -> None:
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def context(cfg: DictConfig, roles: dict[str, Any], draft: dict | None) -> Context:
@@ -112,7 +153,8 @@ def run_batches(workflow: Workflow, todo: list[dict], ctx: Context, results: Res
     bar = tqdm(total=total, initial=total - len(todo), desc=cfg.workflow.name, unit="prompt",
                disable=not cfg.progress, file=sys.stderr)
     # One thread per replica keeps every replica busy; records are written as batches finish.
-    with ThreadPoolExecutor(max_workers=max(1, lanes)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, lanes))
+    try:
         pending = {pool.submit(workflow.run, batch, ctx): batch for batch in batches}
         while pending:
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -124,7 +166,11 @@ def run_batches(workflow: Workflow, todo: list[dict], ctx: Context, results: Res
                 except Exception as err:  # a dead actor or similar: left for a rerun to retry
                     failures.append(f"{[r['id'] for r in batch]}: {type(err).__name__}: {err}")
                 bar.update(len(batch))
-    bar.close()
+    finally:
+        # On a stop, batches not started are dropped and running ones are not waited for: their
+        # calls end when the caller shuts the role groups down, and a rerun redoes them.
+        pool.shutdown(wait=False, cancel_futures=True)
+        bar.close()
     return failures
 
 
@@ -150,8 +196,13 @@ def connect(cluster: DictConfig) -> bool:
     return True
 
 
-def build_roles(roles: tuple[str, ...], cfg: DictConfig, draft: dict | None = None) -> dict[str, Any]:
-    """The Ray groups of the roles a workflow needs, with resources from the config."""
+def build_roles(roles: tuple[str, ...], cfg: DictConfig, draft: dict | None = None,
+                into: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The Ray groups of the roles a workflow needs, with resources from the config.
+
+    Each group goes into `into` as soon as it exists, so a failure or a stop while later ones
+    start still leaves the caller every group to shut down.
+    """
     import ray
 
     from qsteer.actors.group import ActorGroup, attach_drafts
@@ -159,7 +210,7 @@ def build_roles(roles: tuple[str, ...], cfg: DictConfig, draft: dict | None = No
     from qsteer.actors.reward import RewardActor
     from qsteer.actors.roles import PolicyGroup, RewardGroup
 
-    groups: dict[str, Any] = {}
+    groups: dict[str, Any] = {} if into is None else into
     has_gpu = ray.cluster_resources().get("GPU", 0) > 0
     if "policy" in roles:
         m = cfg.model
@@ -191,9 +242,8 @@ def build_roles(roles: tuple[str, ...], cfg: DictConfig, draft: dict | None = No
         )
         groups["policy"] = PolicyGroup(policy)
         if draft is not None and draft["kind"] == "model" and not draft.get("colocate", True) and m.engine == "hf":
-            draft_group = build_draft_group(cfg, has_gpu)
-            attach_drafts(policy, draft_group)
-            groups["draft"] = draft_group
+            groups["draft"] = build_draft_group(cfg, has_gpu)
+            attach_drafts(policy, groups["draft"])
     if "reward" in roles:
         r = cfg.reward
         groups["reward"] = RewardGroup(ActorGroup(

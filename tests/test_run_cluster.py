@@ -1,0 +1,94 @@
+"""The run against a real Ray in subprocesses: which cluster it joins, how it stops, what it leaves behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).parent.parent
+PY = sys.executable
+
+
+def env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), **extra}
+
+
+@pytest.mark.ray
+def test_null_address_starts_a_private_ray_even_when_another_is_advertised(tmp_path):
+    """RAY_ADDRESS (and /tmp/ray's last cluster) name a cluster to join; cluster.address=null must not."""
+    script = textwrap.dedent("""
+        import ray
+        from omegaconf import OmegaConf
+        from qsteer.run import connect
+        cluster = OmegaConf.create({"address": None, "num_cpus": 1, "dashboard": False, "namespace": "t"})
+        assert connect(cluster) is True
+        print("joined", ray.get_runtime_context().gcs_address)
+        ray.shutdown()
+    """)
+    proc = subprocess.run([PY, "-c", script], env=env(RAY_ADDRESS="127.0.0.1:9"), capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "joined" in proc.stdout and "127.0.0.1:9\n" not in proc.stdout
+
+
+def qsteer(*overrides: str) -> list[str]:
+    return [PY, "-m", "qsteer.cli", "cluster.dashboard=false", "progress=false", *overrides]
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stopped_run_keeps_its_finished_records_and_leaves_no_process(tiny_path, tmp_path, signum):
+    """Ctrl-C (SIGINT to the terminal's process group) or SIGTERM (to the driver alone, as `kill` or a
+    scheduler sends it) stops the run at once: the finished records stay, the summary says so, and
+    none of the Ray processes it started outlives it."""
+    import psutil
+
+    out = tmp_path / "run"
+    results = out / "results.jsonl"
+    proc = subprocess.Popen(
+        qsteer(f"model.path={tiny_path}", "dataset.limit=72", "batch_size=1", "workflow.n=2",
+               "generation.max_new_tokens=32", f"hydra.run.dir={out}"),
+        env=env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if results.exists() and len(results.read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be stopped"
+        started = [(p.pid, p.create_time()) for p in psutil.Process(proc.pid).children(recursive=True)]
+        assert started, "Ray started no processes?"
+        if signum == signal.SIGINT:
+            os.killpg(proc.pid, signum)
+        else:
+            os.kill(proc.pid, signum)
+        _, stderr = proc.communicate(timeout=60)  # queued batches are dropped, not run first
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signum, stderr[-2000:]
+    assert f"stopped by {signal.Signals(signum).name}" in stderr
+    lines = results.read_text().splitlines()
+    ids = [json.loads(line)["id"] for line in lines]
+    assert 2 <= len(ids) < 72 and len(set(ids)) == len(ids)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_prompts"] == len(ids) and summary["metrics"]["stopped_by"] == signal.Signals(signum).name
+
+    def alive(pid: int, created: float) -> bool:
+        try:
+            return psutil.Process(pid).create_time() == created and psutil.Process(pid).status() != "zombie"
+        except psutil.NoSuchProcess:
+            return False
+
+    time.sleep(3)  # Ray's processes exit as their parents do; give them a moment
+    left = [psutil.Process(pid).cmdline()[:2] for pid, created in started if alive(pid, created)]
+    assert not left, f"left running: {left}"
