@@ -36,9 +36,21 @@ def print_summary(summary: dict[str, Any], out_dir: Path) -> None:
     console.print(table)
     # The folder on its own line, never wrapped or styled by rich, so it can be copied whole.
     print(f"run folder: {out_dir}", file=sys.stderr)
-    if summary["metrics"].get("unfinished"):
-        print(f"{len(summary['metrics']['unfinished'])} batch(es) failed; rerun into {out_dir} to retry them",
-              file=sys.stderr)
+
+
+def failed(summary: dict[str, Any]) -> list[str]:
+    """Why a finished run counts as failed (batches that failed, or every record erring), first errors
+    quoted; [] when it did not fail."""
+    metrics, reasons = summary["metrics"], []
+    unfinished = metrics.get("unfinished", [])
+    if unfinished:
+        reasons += [f"{len(unfinished)} batch(es) failed and their prompts were not written:", *unfinished[:5]]
+    if summary["num_prompts"] and summary["num_errors"] == summary["num_prompts"]:
+        reasons += ["every record has an error; the first:", *metrics["first_errors"]]
+    return reasons
+
+
+_exit_codes: list[int] = []  # one per job that failed; a sweep goes on past a failed point
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -50,17 +62,25 @@ def _hydra_main(cfg: DictConfig) -> None:
         summary = run_job(cfg, out_dir)
     except (ConfigError, DatasetError, ModelNotFoundError) as err:
         print(f"qsteer: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (run.Stopped)
+        _exit_codes.append(2)
+        return
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (run.Stopped): the sweep stops too
         signum = getattr(stop, "signum", signal.SIGINT)
         print(f"qsteer: stopped by {signal.Signals(signum).name}; every finished record is in "
               f"{out_dir / 'results.jsonl'}; rerun the same command to resume", file=sys.stderr)
         sys.exit(128 + signum)
     print_summary(summary, out_dir)
+    reasons = failed(summary)
+    if reasons:
+        print("qsteer: the run failed: " + "\n  ".join(reasons), file=sys.stderr)
+        print(f"qsteer: fix the cause and rerun into {out_dir} to redo what failed", file=sys.stderr)
+        _exit_codes.append(1)
 
 
 def main() -> None:
     _hydra_main()
+    if _exit_codes:
+        sys.exit(max(_exit_codes))
 
 
 if __name__ == "__main__":

@@ -27,13 +27,22 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
+class ResultsError(ValueError):
+    """A run folder's results.jsonl cannot be resumed from; the message names the file and line."""
+
+
 class ResultsFile:
-    """One JSON object per line, fsynced as written. On open, a line cut short by a crash is
-    dropped (its prompt reruns), so every id ends up exactly once."""
+    """One JSON object per line, fsynced as written, every id exactly once.
+
+    On open, a last line cut short by a crash is dropped (its prompt reruns). Records that ended
+    in an error are dropped by `drop_errors` so that a resumed run retries them. Any other damaged
+    line is a ResultsError naming its line: skipping it would silently redo or lose a record.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.done_ids: set[str] = set()
+        self.errored_ids: set[str] = set()
         self.new_tokens = 0
         if path.exists():
             data = path.read_bytes()
@@ -41,24 +50,58 @@ class ResultsFile:
             if len(complete) != len(data):
                 with open(path, "r+b") as f:
                     f.truncate(len(complete))
-            for line in complete.decode().splitlines():
-                if line.strip():
-                    self.done_ids.add(str(json.loads(line)["id"]))
+            for row in self.read():
+                self.done_ids.add(row["id"])
+                if row.get("error") is not None:
+                    self.errored_ids.add(row["id"])
+
+    def drop_errors(self) -> int:
+        """Remove the records that ended in an error, so this run redoes them; how many there were."""
+        if not self.errored_ids:
+            return 0
+        kept = [line for line, row in self._lines() if row["id"] not in self.errored_ids]
+        write_atomic(self.path, "".join(line + "\n" for line in kept))
+        self.done_ids -= self.errored_ids
+        dropped, self.errored_ids = len(self.errored_ids), set()
+        return dropped
 
     def append(self, row: dict[str, Any]) -> None:
         if row["id"] in self.done_ids:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
         self.done_ids.add(row["id"])
         self.new_tokens += int(row.get("stats", {}).get("generated_tokens", 0))
 
     def read(self) -> list[dict[str, Any]]:
+        return [row for _, row in self._lines()]
+
+    def _lines(self) -> list[tuple[str, dict[str, Any]]]:
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        out = []
+        with self.path.open("rb") as f:
+            for number, raw in enumerate(f, start=1):
+                where = f"{self.path}:{number}"
+                try:
+                    line = raw.decode("utf-8").rstrip("\n")
+                except UnicodeDecodeError as err:
+                    raise ResultsError(f"{where}: not UTF-8 ({err.reason} at byte {err.start}); {_DAMAGED}") from None
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ResultsError(f"{where}: not a JSON record ({err.msg}); {_DAMAGED}") from None
+                if not isinstance(row, dict) or "id" not in row:
+                    raise ResultsError(f"{where}: not a result record (no 'id'); {_DAMAGED}")
+                out.append((line, {**row, "id": str(row["id"])}))
+        return out
+
+
+_DAMAGED = "the file was changed outside qsteer: repair or delete that line (its prompt then reruns)"
 
 
 # Keys that change where or how fast a run goes, never what it writes: a resumed run may change them.
@@ -86,6 +129,9 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return changed
 
 
+FIRST_ERRORS = 5  # record errors quoted in the summary; results.jsonl has them all
+
+
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -109,6 +155,9 @@ def summarize(workflow: str, rows: list[dict[str, Any]], *, wall_s: float, new_t
         for k in sorted({1, n}):
             metrics[f"pass@{k}"] = mean_pass_at_k(counts, k)
     metrics.update(run_metrics(rows))
+    errors = [f"{r['id']}: {r['error']}" for r in rows if r.get("error") is not None]
+    if errors:
+        metrics["first_errors"] = errors[:FIRST_ERRORS]
     if unfinished:
         metrics["unfinished"] = unfinished
     if policy_replica_calls:

@@ -50,6 +50,7 @@ def run_job(cfg: DictConfig, out_dir: str | Path, roles: dict[str, Any] | None =
                 f"({'; '.join(changes)}); choose another hydra.run.dir"
             )
     write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    retried = results.drop_errors()  # a record that ended in an error is redone, never kept beside its redo
     todo = [r for r in records if r["id"] not in results.done_ids]
     workflow = WORKFLOWS[cfg.workflow.name]
     draft = speculative_config(cfg)
@@ -89,6 +90,8 @@ def run_job(cfg: DictConfig, out_dir: str | Path, roles: dict[str, Any] | None =
         cfg.workflow.name, results.read(), wall_s=time.perf_counter() - started,
         new_tokens=results.new_tokens, unfinished=failures, policy_replica_calls=replica_calls,
     )
+    if retried:
+        summary["metrics"]["retried_errors"] = retried
     if stopped is not None:
         summary["metrics"]["stopped_by"] = signal.Signals(getattr(stopped, "signum", signal.SIGINT)).name
     write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")

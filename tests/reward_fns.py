@@ -13,3 +13,8 @@ def fails_on_marked_prompts(prompts, completions, id, **kwargs):
     if any(str(i).endswith("-bad") for i in id):
         raise RuntimeError("reward service refused this item")
     return [1.0 for _ in completions]
+
+
+def always_fails(prompts, completions, **kwargs):
+    """A reward service that is down."""
+    raise ConnectionError("reward service unreachable")

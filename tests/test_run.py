@@ -66,3 +66,71 @@ def test_bad_dataset_line_names_file_and_line(compose, tmp_path):
     data.write_text('{"id": "a", "prompt": "hi"}\n{"id": "b", "prompt": "there"}\n{"id": "c", prompt}\n')
     with pytest.raises(DatasetError, match=r"broken\.jsonl:3"):
         run_job(compose("dataset=jsonl", f"dataset.path={data}"), tmp_path / "out")
+
+
+def test_a_run_whose_every_record_errs_or_whose_batches_fail_is_failed_with_its_first_errors(
+        compose, tiny_engine, tmp_path):
+    from reward_fns import always_fails
+
+    from qsteer.actors.local import LocalReplicas
+    from qsteer.actors.roles import RewardGroup
+    from qsteer.cli import failed
+
+    cfg = compose("workflow.n=2", *FAST)
+    down = run_job(cfg, tmp_path / "down", roles={"policy": local_policy(tiny_engine), "reward": local_reward(always_fails)})
+    assert down["num_errors"] == down["num_prompts"] == 4
+    reasons = failed(down)
+    assert reasons[0].startswith("every record has an error")
+    assert reasons[1] == "sent-000: ConnectionError: reward service unreachable" and len(reasons) == 5
+
+    class DeadActor:  # what a reward replica that cannot start looks like to the group
+        def score(self, *args):
+            raise RuntimeError("the actor died before it could serve")
+
+    dead = run_job(cfg, tmp_path / "dead",
+                   roles={"policy": local_policy(tiny_engine), "reward": RewardGroup(LocalReplicas([DeadActor()]))})
+    assert dead["num_prompts"] == 0 and len(dead["metrics"]["unfinished"]) == 2
+    reasons = failed(dead)
+    assert reasons[0].startswith("2 batch(es) failed") and "the actor died" in reasons[1]
+    healthy = run_job(cfg, tmp_path / "ok", roles={"policy": local_policy(tiny_engine),
+                                                   "reward": local_reward(SentimentReward())})
+    assert failed(healthy) == []
+
+
+def test_errored_records_are_retried_on_resume_and_only_they(compose, tiny_engine, tmp_path):
+    service = {"up": False}
+
+    def flaky(prompts, completions, **_):
+        if not service["up"]:
+            raise ConnectionError("reward service unreachable")
+        return [float(len(c)) for c in completions]
+
+    def job():
+        policy = local_policy(tiny_engine)
+        summary = run_job(compose("workflow.n=2", *FAST), tmp_path, roles={"policy": policy, "reward": local_reward(flaky)})
+        return summary, policy.info()[0]["calls"]
+
+    first, _ = job()
+    assert first["num_errors"] == 4
+    service["up"] = True
+    second, calls = job()
+    assert second["num_errors"] == 0 and second["metrics"]["retried_errors"] == 4
+    assert calls == 2  # the four prompts were generated again, in two batches
+    assert sorted(r["id"] for r in rows(tmp_path)) == ["sent-000", "sent-001", "sent-002", "sent-003"]
+    third, calls = job()
+    assert calls == 0 and "retried_errors" not in third["metrics"]
+    assert third["mean_reward"] == second["mean_reward"]
+
+
+def test_a_damaged_line_inside_results_is_named_by_file_and_line(compose, roles, tmp_path):
+    from qsteer.results import ResultsError
+
+    run_job(compose(*FAST), tmp_path, roles=roles)
+    lines = (tmp_path / "results.jsonl").read_text().splitlines(keepends=True)
+    lines[1] = lines[1][:40] + "\n"
+    (tmp_path / "results.jsonl").write_text("".join(lines))
+    with pytest.raises(ResultsError, match=r"results\.jsonl:2: not a JSON record"):
+        run_job(compose(*FAST), tmp_path, roles=roles)
+    (tmp_path / "results.jsonl").write_bytes(b"".join(x.encode() for x in lines[:1]) + b'{"id": "\xff"}\n')
+    with pytest.raises(ResultsError, match=r"results\.jsonl:2: not UTF-8"):
+        run_job(compose(*FAST), tmp_path, roles=roles)

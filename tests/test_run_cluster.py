@@ -92,3 +92,23 @@ def test_a_stopped_run_keeps_its_finished_records_and_leaves_no_process(tiny_pat
     time.sleep(3)  # Ray's processes exit as their parents do; give them a moment
     left = [psutil.Process(pid).cmdline()[:2] for pid, created in started if alive(pid, created)]
     assert not left, f"left running: {left}"
+
+
+@pytest.mark.ray
+def test_failed_runs_exit_non_zero_naming_the_error_and_a_sweep_runs_its_good_points(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"id": f"p{i}", "prompt": "Review.", "completion": "Fine."}) + "\n"
+                            for i in range(3)))
+    score = ["workflow=score", "dataset=jsonl", f"dataset.path={data}", "reward=callable"]
+    tests_env = env(PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}")
+    down = subprocess.run(qsteer(*score, "reward.target=reward_fns:always_fails", f"hydra.run.dir={tmp_path / 'a'}"),
+                          env=tests_env, capture_output=True, text=True, timeout=300)
+    assert down.returncode == 1, down.stderr[-2000:]
+    assert "every record has an error" in down.stderr
+    assert "p0: ConnectionError: reward service unreachable" in down.stderr
+    sweep = subprocess.run([PY, "-m", "qsteer.cli", "-m", *qsteer(*score)[3:], "reward.target=no_such_module:fn,reward_fns:word_count",
+                                  f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                           env=tests_env, capture_output=True, text=True, timeout=300)
+    assert sweep.returncode == 2, sweep.stderr[-2000:]
+    assert "reward.target='no_such_module:fn' cannot be imported" in sweep.stderr
+    assert json.loads((tmp_path / "sweep" / "1" / "summary.json").read_text())["mean_reward"] == 1.0

@@ -55,7 +55,8 @@ def generate(
     prompts = [r.get("messages") or r["prompt"] for r in records]
     prompt_ids = ctx.policy.encode(prompts, ctx.chat)
     errors: list[str | None] = [
-        f"prompt has {len(ids)} tokens, at or over the model's context length {ctx.context_length}"
+        "prompt is empty" if not ids
+        else f"prompt has {len(ids)} tokens, at or over the model's context length {ctx.context_length}"
         if len(ids) >= ctx.context_length
         else None
         for ids in prompt_ids
