@@ -16,7 +16,8 @@ from omegaconf import DictConfig
 from qsteer.config import ConfigError
 from qsteer.data import DatasetError
 from qsteer.models import ModelNotFoundError
-from qsteer.run import run_job
+from qsteer.results import ResultsError
+from qsteer.run import RunFolderBusy, run_job
 
 
 def print_summary(summary: dict[str, Any], out_dir: Path) -> None:
@@ -60,7 +61,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         summary = run_job(cfg, out_dir)
-    except (ConfigError, DatasetError, ModelNotFoundError) as err:
+    except (ConfigError, DatasetError, ModelNotFoundError, ResultsError, RunFolderBusy) as err:
         print(f"qsteer: error: {err}", file=sys.stderr)
         _exit_codes.append(2)
         return

@@ -8,13 +8,17 @@ instead, and it then runs without Ray.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +44,12 @@ def run_job(cfg: DictConfig, out_dir: str | Path, roles: dict[str, Any] | None =
     records = load_dataset(cfg.dataset.name, path=cfg.dataset.path, limit=cfg.dataset.limit)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with lock_run_folder(out_dir):
+        return _run_in(out_dir, cfg, records, roles, started)
+
+
+def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str, Any] | None,
+            started: float) -> dict[str, Any]:
     results = ResultsFile(out_dir / "results.jsonl")
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if results.done_ids and (out_dir / "config.yaml").exists():
@@ -98,6 +108,36 @@ def run_job(cfg: DictConfig, out_dir: str | Path, roles: dict[str, Any] | None =
     if stopped is not None:
         raise stopped
     return summary
+
+
+class RunFolderBusy(RuntimeError):
+    """Another run holds the run folder's lock."""
+
+
+@contextmanager
+def lock_run_folder(out_dir: Path) -> Iterator[None]:
+    """Hold the run folder for this run: a second run into it is refused, never mixed in.
+
+    An advisory `flock` on `.qsteer.lock`: the kernel releases it when the process ends however
+    it ends, so a crashed run leaves no stale lock to clear by hand.
+    """
+    handle = open(out_dir / ".qsteer.lock", "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise RunFolderBusy(
+                f"{out_dir} is in use by another qsteer run ({handle.read().strip() or 'unknown'}); "
+                "wait for it to finish or choose another hydra.run.dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # releases the lock
 
 
 class Stopped(KeyboardInterrupt):

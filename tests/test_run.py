@@ -134,3 +134,30 @@ def test_a_damaged_line_inside_results_is_named_by_file_and_line(compose, roles,
     (tmp_path / "results.jsonl").write_bytes(b"".join(x.encode() for x in lines[:1]) + b'{"id": "\xff"}\n')
     with pytest.raises(ResultsError, match=r"results\.jsonl:2: not UTF-8"):
         run_job(compose(*FAST), tmp_path, roles=roles)
+
+
+def test_a_second_run_into_a_busy_folder_is_refused(compose, tiny_engine, tmp_path):
+    import threading
+
+    from qsteer.run import RunFolderBusy
+
+    scoring, release = threading.Event(), threading.Event()
+
+    def slow(prompts, completions, **_):
+        scoring.set()
+        assert release.wait(60)
+        return [1.0 for _ in completions]
+
+    cfg = compose("workflow.n=2", *FAST)
+    first = threading.Thread(target=run_job, args=(cfg, tmp_path),
+                             kwargs={"roles": {"policy": local_policy(tiny_engine), "reward": local_reward(slow)}})
+    first.start()
+    try:
+        assert scoring.wait(60)
+        with pytest.raises(RunFolderBusy, match=r"in use by another qsteer run \(pid \d+"):
+            run_job(cfg, tmp_path, roles={"policy": local_policy(tiny_engine), "reward": local_reward(slow)})
+    finally:
+        release.set()
+        first.join()
+    assert [r["id"] for r in rows(tmp_path)] == ["sent-000", "sent-001", "sent-002", "sent-003"]
+    assert run_job(cfg, tmp_path, roles={"policy": local_policy(tiny_engine), "reward": local_reward(slow)})
