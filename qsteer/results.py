@@ -27,6 +27,22 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def dumps(obj: Any, **kwargs: Any) -> str:
+    """JSON with every NaN or infinity as null: bare `NaN` is not JSON, and most readers refuse it.
+    (A reward that is not finite never gets here: it is its record's error.)"""
+    return json.dumps(_finite(obj), ensure_ascii=False, allow_nan=False, **kwargs)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 class ResultsError(ValueError):
     """A run folder's results.jsonl cannot be resumed from; the message names the file and line."""
 
@@ -69,7 +85,7 @@ class ResultsFile:
         if row["id"] in self.done_ids:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
+            f.write(dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
         self.done_ids.add(row["id"])

@@ -9,7 +9,6 @@ instead, and it then runs without Ray.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import signal
 import socket
@@ -29,7 +28,7 @@ from qsteer.config import ConfigError, check_config, speculative_config
 from qsteer.data import load_dataset
 from qsteer.engines import SamplingParams
 from qsteer.models import resolve_model_path
-from qsteer.results import ResultsFile, config_changes, summarize, write_atomic
+from qsteer.results import ResultsFile, config_changes, dumps, summarize, write_atomic
 from qsteer.workflows import WORKFLOWS, Context, Workflow
 
 
@@ -104,7 +103,7 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
         summary["metrics"]["retried_errors"] = retried
     if stopped is not None:
         summary["metrics"]["stopped_by"] = signal.Signals(getattr(stopped, "signum", signal.SIGINT)).name
-    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_atomic(out_dir / "summary.json", dumps(summary, indent=2) + "\n")
     if stopped is not None:
         raise stopped
     return summary

@@ -161,3 +161,25 @@ def test_a_second_run_into_a_busy_folder_is_refused(compose, tiny_engine, tmp_pa
         first.join()
     assert [r["id"] for r in rows(tmp_path)] == ["sent-000", "sent-001", "sent-002", "sent-003"]
     assert run_job(cfg, tmp_path, roles={"policy": local_policy(tiny_engine), "reward": local_reward(slow)})
+
+
+def test_nan_and_infinite_rewards_are_errors_on_their_record_and_never_bare_nan_in_json(
+        compose, tiny_engine, tmp_path):
+    def broken(prompts, completions, id, **_):
+        bad = {"sent-000": float("nan"), "sent-001": float("inf")}
+        return [bad.get(i, 0.5) for i in id]
+
+    summary = run_job(compose("workflow.n=2", *FAST), tmp_path,
+                      roles={"policy": local_policy(tiny_engine), "reward": local_reward(broken)})
+
+    def refuse(constant):
+        raise AssertionError(f"bare {constant} in a JSON file")
+
+    by_id = {r["id"]: r for r in (json.loads(line, parse_constant=refuse)
+                                  for line in (tmp_path / "results.jsonl").read_text().splitlines())}
+    json.loads((tmp_path / "summary.json").read_text(), parse_constant=refuse)
+    assert by_id["sent-000"]["error"] == "reward is nan (not a finite number)"
+    assert by_id["sent-001"]["error"] == "reward is inf (not a finite number)"
+    assert by_id["sent-001"]["reward"] is None and by_id["sent-001"]["candidates"][0]["reward"] is None
+    assert by_id["sent-002"]["error"] is None and by_id["sent-002"]["reward"] == 0.5
+    assert summary["num_errors"] == 2

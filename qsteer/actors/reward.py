@@ -6,6 +6,7 @@ which is what a Ray replica (or a test's in-process group) hosts.
 
 from __future__ import annotations
 
+import math
 import traceback
 from typing import Any
 
@@ -49,7 +50,14 @@ class Reward:
         values = self.fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
         if len(values) != len(prompts):
             raise ValueError(f"reward returned {len(values)} values for {len(prompts)} completions")
-        return [split_reward(v) for v in values]
+        return [_finite(*split_reward(v)) for v in values]
+
+
+def _finite(reward: float | None, info: dict) -> tuple[float | None, dict]:
+    """A NaN or infinite reward is the item's error: no mean, max or JSON file can hold it honestly."""
+    if reward is not None and not math.isfinite(reward):
+        return None, {**info, "error": f"reward is {reward} (not a finite number)"}
+    return reward, info
 
 
 class RewardActor(Reward):
