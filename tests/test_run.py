@@ -183,3 +183,15 @@ def test_nan_and_infinite_rewards_are_errors_on_their_record_and_never_bare_nan_
     assert by_id["sent-001"]["reward"] is None and by_id["sent-001"]["candidates"][0]["reward"] is None
     assert by_id["sent-002"]["error"] is None and by_id["sent-002"]["reward"] == 0.5
     assert summary["num_errors"] == 2
+
+
+def test_a_non_utf8_dataset_is_named_by_file_and_line_and_a_byte_order_mark_is_accepted(compose, tmp_path):
+    from qsteer.data import load_dataset
+
+    latin = tmp_path / "latin1.jsonl"
+    latin.write_bytes(b'{"id": "a", "prompt": "fine"}\n{"id": "b", "prompt": "caf\xe9"}\n')
+    with pytest.raises(DatasetError, match=r"latin1\.jsonl:2: not UTF-8"):
+        run_job(compose("dataset=jsonl", f"dataset.path={latin}"), tmp_path / "out")
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes('{"id": "a", "prompt": "café"}\n{"id": "b", "prompt": "hi"}\n'.encode("utf-8-sig"))
+    assert [r["prompt"] for r in load_dataset("jsonl", path=str(bom))] == ["café", "hi"]
