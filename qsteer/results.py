@@ -152,23 +152,35 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def summarize(workflow: str, rows: list[dict[str, Any]], *, wall_s: float, new_tokens: int,
+def summarize(workflow: str, rows: list[dict[str, Any]], *, wall_s: float, new_tokens: int, pass_fail: bool = False,
               unfinished: list[str] | None = None, policy_replica_calls: list[int] | None = None) -> dict[str, Any]:
-    rewards = [r["reward"] for r in rows if r.get("reward") is not None and math.isfinite(r["reward"])]
-    candidate_rewards = [c["reward"] for r in rows for c in r.get("candidates", []) if c.get("reward") is not None]
+    """The run's summary over all its records.
+
+    With a pass/fail reward (`pass_fail`), a record or candidate that errored (no reward: a
+    scorer crash, a prompt over the context) is a failure: it counts 0 in the means and in
+    pass@k, so an error can never raise the pass rate. Other rewards have no failing value, so
+    their means cover the records that were scored (`scored_prompts` says how many).
+    """
+    failure = 0.0 if pass_fail else None
+    rewards = [r["reward"] if r.get("reward") is not None else failure for r in rows]
+    rewards = [v for v in rewards if v is not None]
+    candidate_rewards = [c["reward"] if c.get("reward") is not None else failure
+                         for r in rows for c in r.get("candidates", [])]
+    candidate_rewards = [v for v in candidate_rewards if v is not None]
     metrics: dict[str, Any] = {
         "mean_candidate_reward": _mean(candidate_rewards),
         "max_reward": max(rewards) if rewards else None,
         "min_reward": min(rewards) if rewards else None,
+        "scored_prompts": len(rewards),
         "new_generated_tokens": new_tokens,
         "prompt_tokens": sum(int(r.get("stats", {}).get("prompt_tokens", 0)) for r in rows),
     }
-    # Pass/fail rewards (code tests): report pass@k over each prompt's candidates.
-    counts = [(len(r["candidates"]), sum(c["reward"] == 1.0 for c in r["candidates"]))
-              for r in rows if r.get("candidates") and r.get("error") is None]
-    if candidate_rewards and all(v in (0.0, 1.0) for v in candidate_rewards) and counts:
-        n = min(n for n, _ in counts)
-        for k in sorted({1, n}):
+    if pass_fail and rows:
+        # A record with no candidates (it erred before generating) failed all of its samples.
+        samples = max((len(r.get("candidates", [])) for r in rows), default=0) or 1
+        counts = [(len(r["candidates"]) or samples, sum(c.get("reward") == 1.0 for c in r["candidates"]))
+                  for r in rows]
+        for k in sorted({1, min(n for n, _ in counts)}):
             metrics[f"pass@{k}"] = mean_pass_at_k(counts, k)
     metrics.update(run_metrics(rows))
     errors = [f"{r['id']}: {r['error']}" for r in rows if r.get("error") is not None]

@@ -29,6 +29,7 @@ from qsteer.data import load_dataset
 from qsteer.engines import SamplingParams
 from qsteer.models import resolve_model_path
 from qsteer.results import ResultsFile, config_changes, dumps, summarize, write_atomic
+from qsteer.rewards import is_pass_fail
 from qsteer.workflows import WORKFLOWS, Context, Workflow
 
 
@@ -96,8 +97,9 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
             signal.signal(signal.SIGTERM, previous)
 
     summary = summarize(
-        cfg.workflow.name, results.read(), wall_s=time.perf_counter() - started,
-        new_tokens=results.new_tokens, unfinished=failures, policy_replica_calls=replica_calls,
+        cfg.workflow.name, results.read(), wall_s=time.perf_counter() - started, new_tokens=results.new_tokens,
+        pass_fail=is_pass_fail(cfg.reward.name, cfg.reward.target), unfinished=failures,
+        policy_replica_calls=replica_calls,
     )
     if retried:
         summary["metrics"]["retried_errors"] = retried

@@ -195,3 +195,19 @@ def test_a_non_utf8_dataset_is_named_by_file_and_line_and_a_byte_order_mark_is_a
     bom = tmp_path / "bom.jsonl"
     bom.write_bytes('{"id": "a", "prompt": "café"}\n{"id": "b", "prompt": "hi"}\n'.encode("utf-8-sig"))
     assert [r["prompt"] for r in load_dataset("jsonl", path=str(bom))] == ["café", "hi"]
+
+
+def test_errored_samples_are_failures_in_pass_at_k_and_the_mean_of_a_pass_fail_reward(compose, tiny_engine, tmp_path):
+    from reward_fns import fails_on_marked_prompts, first_passes_second_crashes
+
+    cfg = compose("workflow.n=2", *FAST, "reward=callable", "reward.target=reward_fns:first_passes_second_crashes")
+    summary = run_job(cfg, tmp_path / "code", roles={"policy": local_policy(tiny_engine),
+                                                     "reward": local_reward(first_passes_second_crashes)})
+    assert summary["num_errors"] == 1
+    # one of four prompts passes; the crashed one counts as failed, not as left out (which gives 1/3)
+    assert summary["metrics"]["pass@1"] == summary["metrics"]["pass@2"] == summary["mean_reward"] == 0.25
+    # rewards that merely happen to be 0 or 1 are not pass/fail: no pass@k
+    cfg = compose("workflow.n=2", *FAST, "reward=callable", "reward.target=reward_fns:fails_on_marked_prompts")
+    ones = run_job(cfg, tmp_path / "ones", roles={"policy": local_policy(tiny_engine),
+                                                  "reward": local_reward(fails_on_marked_prompts)})
+    assert ones["mean_reward"] == 1.0 and not any(k.startswith("pass@") for k in ones["metrics"])
