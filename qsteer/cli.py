@@ -28,8 +28,9 @@ def print_summary(summary: dict[str, Any], out_dir: Path) -> None:
     table = Table(title=f"qsteer {summary['workflow']}")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("num_prompts", "num_errors", "mean_reward", "generated_tokens", "wall_s", "tokens_per_s"):
-        value = summary[key]
+    for key in ("num_prompts", "num_errors", "mean_reward", "generated_tokens", "wall_s", "startup_s",
+                "generation_s", "tokens_per_s"):
+        value = summary.get(key)
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     for key, value in summary["metrics"].items():
         if isinstance(value, (int, float)):

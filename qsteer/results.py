@@ -152,7 +152,8 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def summarize(workflow: str, rows: list[dict[str, Any]], *, wall_s: float, new_tokens: int, pass_fail: bool = False,
+def summarize(workflow: str, rows: list[dict[str, Any]], *, wall_s: float, new_tokens: int,
+              startup_s: float | None = None, generation_s: float | None = None, pass_fail: bool = False,
               unfinished: list[str] | None = None, policy_replica_calls: list[int] | None = None) -> dict[str, Any]:
     """The run's summary over all its records.
 
@@ -160,6 +161,9 @@ def summarize(workflow: str, rows: list[dict[str, Any]], *, wall_s: float, new_t
     scorer crash, a prompt over the context) is a failure: it counts 0 in the means and in
     pass@k, so an error can never raise the pass rate. Other rewards have no failing value, so
     their means cover the records that were scored (`scored_prompts` says how many).
+
+    `tokens_per_s` is this run's new tokens over the time its batches ran (`generation_s`), so
+    starting Ray and loading models (`startup_s`, reported apart) does not dilute it.
     """
     failure = 0.0 if pass_fail else None
     rewards = [r["reward"] if r.get("reward") is not None else failure for r in rows]
@@ -198,6 +202,8 @@ def summarize(workflow: str, rows: list[dict[str, Any]], *, wall_s: float, new_t
         "mean_reward": _mean(rewards),
         "generated_tokens": generated,
         "wall_s": round(wall_s, 3),
-        "tokens_per_s": round(new_tokens / wall_s, 2) if wall_s > 0 else None,
+        "startup_s": None if startup_s is None else round(startup_s, 3),
+        "generation_s": None if generation_s is None else round(generation_s, 3),
+        "tokens_per_s": round(new_tokens / generation_s, 2) if generation_s else None,
         "metrics": metrics,
     }

@@ -67,6 +67,7 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
 
     own_roles = roles is None
     started_ray, stopped, previous = False, None, None
+    ready = finished = None
     failures: list[str] = []
     replica_calls: list[int] = []
     try:
@@ -79,8 +80,10 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
             previous = _stop_on_sigterm()  # after ray.init, whose own handler would exit at once
             if todo:
                 build_roles(workflow.roles, cfg, draft, into=roles)
-        ctx = context(cfg, roles, draft)
+        ctx = context(cfg, roles, draft)  # waits for the policy replicas to load
+        ready = time.perf_counter()
         failures = run_batches(workflow, todo, ctx, results, cfg, total=len(records))
+        finished = time.perf_counter()
         replica_calls = [info["calls"] for info in ctx.policy.info()] if ctx.policy is not None else []
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM through the CLI's handler: keep what finished
         stopped = err
@@ -98,6 +101,8 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
 
     summary = summarize(
         cfg.workflow.name, results.read(), wall_s=time.perf_counter() - started, new_tokens=results.new_tokens,
+        startup_s=None if ready is None else ready - started,
+        generation_s=None if finished is None else finished - ready,
         pass_fail=is_pass_fail(cfg.reward.name, cfg.reward.target), unfinished=failures,
         policy_replica_calls=replica_calls,
     )

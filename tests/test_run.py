@@ -34,6 +34,10 @@ def test_in_process_run_writes_the_contract_files_and_resumes(compose, roles, tm
     assert summary["num_prompts"] == 4 and summary["num_errors"] == 0
     assert summary["generated_tokens"] == sum(c["num_tokens"] for r in first for c in r["candidates"])
     assert summary["metrics"]["policy_replica_calls"] == [2]  # two batches of two prompts
+    # throughput is over the time the batches ran; start-up is reported beside it
+    assert 0 < summary["startup_s"] and 0 < summary["generation_s"]
+    assert summary["startup_s"] + summary["generation_s"] <= summary["wall_s"] + 0.002
+    assert summary["tokens_per_s"] == pytest.approx(summary["generated_tokens"] / summary["generation_s"], rel=0.01)
     resumed = run_job(compose("workflow.n=2", *FAST, "dataset.limit=6"), tmp_path, roles=roles)
     assert rows(tmp_path)[:4] == first and resumed["num_prompts"] == 6
 
