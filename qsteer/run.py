@@ -73,6 +73,8 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
     try:
         if own_roles:
             roles = {}
+            if todo and cfg.cluster.address is None:
+                check_local_resources(cfg, workflow.roles, draft)
             if "policy" in workflow.roles and cfg.cluster.address is None:
                 # Convert the default model once here, not in every replica, and fail before Ray starts.
                 resolve_model_path(cfg.model.path)
@@ -221,6 +223,39 @@ def run_batches(workflow: Workflow, todo: list[dict], ctx: Context, results: Res
         pool.shutdown(wait=False, cancel_futures=True)
         bar.close()
     return failures
+
+
+def check_local_resources(cfg: DictConfig, roles: tuple[str, ...], draft: dict | None) -> None:
+    """Refuse, before Ray starts, actors that the local Ray cannot place: Ray would wait for them forever."""
+    groups = []  # (role, config prefix, its config): each group asks replicas x num_cpus and num_gpus
+    if "policy" in roles:
+        groups.append(("model", "model", cfg.model))
+        if draft is not None and draft["kind"] == "model" and not draft.get("colocate", True) \
+                and cfg.model.engine == "hf":
+            groups.append(("draft", "draft.actor", cfg.draft.actor))
+    if "reward" in roles:
+        groups.append(("reward", "reward", cfg.reward))
+    cpus = cfg.cluster.num_cpus or os.cpu_count() or 1
+    where = f"cluster.num_cpus={cpus}" if cfg.cluster.num_cpus else f"this machine's {cpus} cores"
+    for role, key, group in groups:
+        if group.num_cpus > cpus:
+            raise ConfigError(f"{key}.num_cpus={group.num_cpus}: one {role} actor needs more CPUs than the local "
+                              f"Ray has ({where}); lower {key}.num_cpus or raise cluster.num_cpus")
+    total = sum(group.replicas * group.num_cpus for _, _, group in groups)
+    if total > cpus:
+        parts = ", ".join(f"{role}: {key}.replicas={group.replicas} x {key}.num_cpus={group.num_cpus}"
+                          for role, key, group in groups if group.num_cpus)
+        raise ConfigError(f"the actors need {total:g} CPUs ({parts}) but the local Ray has {where}; "
+                          "lower a role's replicas or num_cpus, or raise cluster.num_cpus")
+    asked = {key: group.replicas * group.num_gpus for _, key, group in groups if group.num_gpus not in ("auto", 0)}
+    if asked:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if sum(asked.values()) > gpus:
+            raise ConfigError(f"the actors ask for {sum(asked.values()):g} GPUs "
+                              f"({', '.join(f'{k}.num_gpus x replicas: {n:g}' for k, n in asked.items())}) but "
+                              f"this machine has {gpus}; set num_gpus to auto or lower it")
 
 
 def connect(cluster: DictConfig) -> bool:

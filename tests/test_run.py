@@ -215,3 +215,26 @@ def test_errored_samples_are_failures_in_pass_at_k_and_the_mean_of_a_pass_fail_r
     ones = run_job(cfg, tmp_path / "ones", roles={"policy": local_policy(tiny_engine),
                                                   "reward": local_reward(fails_on_marked_prompts)})
     assert ones["mean_reward"] == 1.0 and not any(k.startswith("pass@") for k in ones["metrics"])
+
+
+@pytest.mark.timeout(120)  # before the check, Ray waited for these actors forever
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.num_cpus=4"], r"model\.num_cpus=4: one model actor needs more CPUs than the local Ray has "
+                               r"\(cluster\.num_cpus=2\)"),
+        (["model.replicas=2", "reward=judge"], r"the actors need 3 CPUs \(model: model\.replicas=2 x "
+                                               r"model\.num_cpus=1, reward: reward\.replicas=1 x reward\.num_cpus=1\)"),
+        (["model.num_gpus=1"], r"model\.num_gpus x replicas: 1\) but this machine has 0"),
+    ],
+)
+def test_resources_the_local_ray_cannot_meet_fail_before_it_starts(compose, tmp_path, overrides, message):
+    import ray
+    import torch
+
+    if "model.num_gpus=1" in overrides and torch.cuda.device_count():
+        pytest.skip("this machine has a GPU")
+    was_running = ray.is_initialized()
+    with pytest.raises(ConfigError, match=message):
+        run_job(compose("cluster.num_cpus=2", *FAST, *overrides), tmp_path)
+    assert ray.is_initialized() == was_running
