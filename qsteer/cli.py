@@ -5,6 +5,7 @@ The job itself (checks, resume, Ray, batches, files) is `run.run_job`.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -80,6 +81,11 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    # `python -m` puts the working directory on sys.path, the `qsteer` script does not: a reward
+    # module next to the user (reward.target=my_reward:fn) imports either way (local Ray workers
+    # get the driver's sys.path). Last, so it shadows nothing.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     _hydra_main()
     if _exit_codes:
         sys.exit(max(_exit_codes))

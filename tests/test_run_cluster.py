@@ -112,3 +112,23 @@ def test_failed_runs_exit_non_zero_naming_the_error_and_a_sweep_runs_its_good_po
     assert sweep.returncode == 2, sweep.stderr[-2000:]
     assert "reward.target='no_such_module:fn' cannot be imported" in sweep.stderr
     assert json.loads((tmp_path / "sweep" / "1" / "summary.json").read_text())["mean_reward"] == 1.0
+
+
+@pytest.mark.ray
+def test_a_reward_module_beside_the_working_directory_imports_without_pythonpath(tmp_path):
+    """As the `qsteer` script runs: its own folder is sys.path[0], not the working directory."""
+    work, bin_dir = tmp_path / "work", tmp_path / "bin"
+    work.mkdir()
+    bin_dir.mkdir()
+    (work / "my_reward.py").write_text("def length(prompts, completions, **kw):\n"
+                                       "    return [float(len(c)) for c in completions]\n")
+    (work / "pairs.jsonl").write_text(json.dumps({"id": "a", "prompt": "Say hi.", "completion": "hello"}) + "\n")
+    launcher = bin_dir / "qsteer"
+    launcher.write_text("import sys\nfrom qsteer.cli import main\nsys.exit(main())\n")
+    proc = subprocess.run(
+        [PY, str(launcher), "workflow=score", "dataset=jsonl", "dataset.path=pairs.jsonl", "reward=callable",
+         "reward.target=my_reward:length", "cluster.dashboard=false", "progress=false", "hydra.run.dir=out"],
+        cwd=work, env=env(), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((work / "out" / "results.jsonl").read_text())["reward"] == 5.0
