@@ -25,11 +25,11 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from qsteer.config import ConfigError, check_config, speculative_config
-from qsteer.data import load_dataset
+from qsteer.data import DatasetError, load_dataset
 from qsteer.engines import SamplingParams
 from qsteer.models import resolve_model_path
 from qsteer.results import ResultsFile, config_changes, dumps, summarize, write_atomic
-from qsteer.rewards import is_pass_fail
+from qsteer.rewards import REQUIRED_COLUMNS, is_pass_fail
 from qsteer.workflows import WORKFLOWS, Context, Workflow
 
 
@@ -42,6 +42,7 @@ def run_job(cfg: DictConfig, out_dir: str | Path, roles: dict[str, Any] | None =
     started = time.perf_counter()
     check_config(cfg)
     records = load_dataset(cfg.dataset.name, path=cfg.dataset.path, limit=cfg.dataset.limit)
+    check_job(cfg, records)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with lock_run_folder(out_dir):
@@ -171,6 +172,37 @@ def _ignore_signals() -> None:
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, signal.SIG_IGN)
+
+
+def check_job(cfg: DictConfig, records: list[dict]) -> None:
+    """Checks that need the dataset or an engine's signature, still before Ray or any model starts."""
+    source = cfg.dataset.path or f"dataset={cfg.dataset.name}"
+    if cfg.workflow.name == "score":
+        missing = [r["id"] for r in records if not isinstance(r.get("completion"), str)]
+        if missing:
+            raise DatasetError(f"{source}: workflow=score scores given completions, but {len(missing)} record(s) "
+                               f"have no string 'completion' (first: {missing[0]!r})")
+    for alternatives in REQUIRED_COLUMNS.get(cfg.reward.name, ()) if not cfg.reward.target else ():
+        missing = [r["id"] for r in records if not any(r.get(name) is not None for name in alternatives)]
+        if missing:
+            raise DatasetError(f"{source}: reward={cfg.reward.name} needs {' or '.join(map(repr, alternatives))} "
+                               f"in every record; {len(missing)} have none (first: {missing[0]!r})")
+    if "policy" in WORKFLOWS[cfg.workflow.name].roles and cfg.model.engine == "hf" and cfg.model.engine_kwargs:
+        import inspect
+
+        from qsteer.engines.hf import HFEngine
+
+        # the keys build_roles passes from model.* itself are not engine_kwargs either
+        taken = {"self", "path", "dtype", "device", "max_batch_rows", "num_threads", "chat_template"}
+        parameters = inspect.signature(HFEngine.__init__).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            return  # it takes any keyword: nothing to check here
+        accepted = set(parameters) - taken
+        unknown = sorted(set(cfg.model.engine_kwargs) - accepted)
+        if unknown:
+            raise ConfigError(f"model.engine_kwargs has {', '.join(unknown)}, which the hf engine does not take "
+                              f"(it takes: {', '.join(sorted(accepted)) or 'none'}); engine_kwargs are for "
+                              "model.engine=vllm, whose vllm.LLM arguments they are")
 
 
 def context(cfg: DictConfig, roles: dict[str, Any], draft: dict | None) -> Context:

@@ -238,3 +238,28 @@ def test_resources_the_local_ray_cannot_meet_fail_before_it_starts(compose, tmp_
     with pytest.raises(ConfigError, match=message):
         run_job(compose("cluster.num_cpus=2", *FAST, *overrides), tmp_path)
     assert ray.is_initialized() == was_running
+
+
+@pytest.mark.parametrize(
+    ("overrides", "data", "error", "message"),
+    [
+        (["workflow=score"], {"prompt": "Hi."}, DatasetError,
+         r"pairs\.jsonl: workflow=score scores given completions, but 1 record\(s\) have no string 'completion' "
+         r"\(first: 'b'\)"),
+        (["workflow=score", "reward=code_tests"], {"prompt": "def f():", "completion": "  return 1", "entry_point": "f"},
+         DatasetError, r"reward=code_tests needs 'test' or 'tests' in every record; 1 have none \(first: 'b'\)"),
+        (["+model.engine_kwargs.gpu_memory_utilization=0.5"], {"prompt": "Hi."}, ConfigError,
+         r"model\.engine_kwargs has gpu_memory_utilization, which the hf engine does not take"),
+    ],
+)
+def test_checks_that_need_the_dataset_or_the_engine_run_before_ray(compose, tmp_path, overrides, data, error, message):
+    import ray
+
+    good = {"id": "a", "prompt": "def f():", "completion": "  return 1", "test": "def check(c): pass",
+            "entry_point": "f"}
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps({"id": "b", **data}) + "\n")
+    was_running = ray.is_initialized()
+    with pytest.raises(error, match=message):
+        run_job(compose("dataset=jsonl", f"dataset.path={path}", *overrides), tmp_path / "out")
+    assert ray.is_initialized() == was_running

@@ -31,6 +31,10 @@ BUILTIN_REWARDS = {
 PASS_FAIL_REWARDS = {"code_tests"}
 
 
+# Dataset fields a built-in reward reads, each a tuple of alternatives: checked before any model loads.
+REQUIRED_COLUMNS = {"code_tests": (("test", "tests"), ("entry_point",))}
+
+
 def is_pass_fail(name: str | None, target: str | None = None) -> bool:
     """Whether the reward (`reward.name`, or the callable at `reward.target`) is declared pass/fail."""
     if target:
