@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from qsteer.config import ConfigError, check_config, speculative_config
 from qsteer.data import DatasetError, load_dataset
 from qsteer.engines import SamplingParams
-from qsteer.models import resolve_model_path
+from qsteer.models import ModelNotFoundError, resolve_model_path
 from qsteer.results import ResultsFile, config_changes, dumps, summarize, write_atomic
 from qsteer.rewards import REQUIRED_COLUMNS, is_pass_fail
 from qsteer.workflows import WORKFLOWS, Context, Workflow
@@ -187,6 +187,12 @@ def check_job(cfg: DictConfig, records: list[dict]) -> None:
         if missing:
             raise DatasetError(f"{source}: reward={cfg.reward.name} needs {' or '.join(map(repr, alternatives))} "
                                f"in every record; {len(missing)} have none (first: {missing[0]!r})")
+    reward_model = OmegaConf.select(cfg, "reward.kwargs.model_path")
+    if reward_model is not None:  # the judge's model: a bad path must not read as the policy's
+        try:
+            resolve_model_path(reward_model)
+        except ModelNotFoundError as err:
+            raise ConfigError(str(err).replace("model.path=", "reward.kwargs.model_path=", 1)) from None
     if "policy" in WORKFLOWS[cfg.workflow.name].roles and cfg.model.engine == "hf" and cfg.model.engine_kwargs:
         import inspect
 

@@ -250,6 +250,8 @@ def test_resources_the_local_ray_cannot_meet_fail_before_it_starts(compose, tmp_
          DatasetError, r"reward=code_tests needs 'test' or 'tests' in every record; 1 have none \(first: 'b'\)"),
         (["+model.engine_kwargs.gpu_memory_utilization=0.5"], {"prompt": "Hi."}, ConfigError,
          r"model\.engine_kwargs has gpu_memory_utilization, which the hf engine does not take"),
+        (["workflow=score", "reward=judge", "reward.kwargs.model_path=/no/such/model"], {"prompt": "Hi.",
+         "completion": "Hello."}, ConfigError, r"^reward\.kwargs\.model_path='/no/such/model' does not exist"),
     ],
 )
 def test_checks_that_need_the_dataset_or_the_engine_run_before_ray(compose, tmp_path, overrides, data, error, message):

@@ -131,3 +131,9 @@ def test_in_process_group_sends_calls_to_the_least_busy_replica():
         t.join()
     assert outs == [[(1.0, {})], [(1.0, {})]]
     assert [info["calls"] for info in group.info()] == [1, 1]
+
+
+def test_an_empty_prompt_errs_on_its_own_record(run, prompts):
+    rows, _ = run([{"id": "empty", "prompt": ""}, prompts[0]], "workflow=sample", "model.chat_template=false", *GEN)
+    assert rows[0]["error"] == "prompt is empty" and rows[0]["output"] is None
+    assert rows[1]["error"] is None and rows[1]["output"]
