@@ -17,6 +17,8 @@ def write_atomic(path: Path, text: str) -> None:
     """Write to a temp file beside `path`, then rename: a crash leaves the old file or the new one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        # mkstemp makes the file private (0600); run files get the mode any other file would (umask)
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -45,6 +47,19 @@ def _finite(obj: Any) -> Any:
 
 class ResultsError(ValueError):
     """A run folder's results.jsonl cannot be resumed from; the message names the file and line."""
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask would open a window for other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 class ResultsFile:

@@ -265,3 +265,16 @@ def test_checks_that_need_the_dataset_or_the_engine_run_before_ray(compose, tmp_
     with pytest.raises(error, match=message):
         run_job(compose("dataset=jsonl", f"dataset.path={path}", *overrides), tmp_path / "out")
     assert ray.is_initialized() == was_running
+
+
+def test_run_files_get_the_mode_other_files_get(compose, roles, tmp_path):
+    import os
+    import stat
+
+    umask = os.umask(0o027)  # a group-readable setup, as shared clusters use
+    try:
+        run_job(compose(*FAST, "dataset.limit=2"), tmp_path, roles=roles)
+    finally:
+        os.umask(umask)
+    for name in ("config.yaml", "results.jsonl", "summary.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o640, name
