@@ -301,13 +301,13 @@ def main() -> None:
             task = progress.add_task("(r) ray: start + load actor", total=None)
             ray.init(include_dashboard=False, log_to_driver=False, logging_level="warning")
             group = ActorGroup(PolicyActor, role="model", replicas=1, num_cpus=1, num_threads=args.threads)
-            actor_pid = group.call_all("info")[0]["pid"]  # the actor has loaded its model
-            ray.get(group.call("generate", ids[:warm_prompts], warm_params, keys[:warm_prompts]))  # warm-up
+            actor_pid = group.run_all("info")[0]["pid"]  # the actor has loaded its model
+            group.run("generate", ids[:warm_prompts], warm_params, keys[:warm_prompts])  # warm-up
             progress.update(task, total=1, completed=1)
             task = progress.add_task(f"(r) qsteer via Ray actor, {args.prompts}x{args.n}", total=1)
             meter = CpuMeter(actor_pid)
             with meter.timed():
-                r_out = ray.get(group.call("generate", ids, params, keys))
+                r_out = group.run("generate", ids, params, keys)
             r_time = meter.seconds
             progress.advance(task)
             r_tokens = sum(len(c.token_ids) for comps in r_out for c in comps)

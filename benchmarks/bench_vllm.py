@@ -82,9 +82,9 @@ def main() -> None:
     ray.init(include_dashboard=False)
     with console.status("starting vLLM in a Ray policy actor"):
         group = ActorGroup(PolicyActor, role="model", replicas=1, num_cpus=1, engine="vllm", enforce_eager=True)
-        group.call_all("info")
-    ray.get(group.call("generate", ids[:1], warm, keys[:1]))
-    out, seconds = timed(lambda: ray.get(group.call("generate", ids, params, keys)))
+        group.run_all("info")
+    group.run("generate", ids[:1], warm, keys[:1])
+    out, seconds = timed(lambda: group.run("generate", ids, params, keys))
     record("vllm engine, Ray actor", count(out), seconds)
     group.shutdown()
     ray.shutdown()

@@ -1,227 +1,59 @@
-"""The orchestrator: `qsteer [overrides]`.
+"""The `qsteer [overrides]` command: compose the Hydra config, run the job, print the summary.
 
-Checks the config, loads the dataset, connects to (or starts) Ray, builds the role groups the
-workflow needs, runs the workflow over batches of prompts and streams each finished record to
-`results.jsonl`; rerunning into the same folder resumes. Ends with `summary.json` and a table.
+The job itself (checks, resume, Ray, batches, files) is `run.run_job`.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import signal
 import sys
-import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import hydra
-import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from qsteer.config import ConfigError, check_config, speculative_config
-from qsteer.data import DatasetError, load_dataset
-from qsteer.engines import SamplingParams
-from qsteer.models import ModelNotFoundError, resolve_model_path
-from qsteer.results import ResultsFile, config_changes, summarize, write_atomic
-from qsteer.workflows import WORKFLOWS, Context
-
-
-def connect(cluster: DictConfig) -> bool:
-    """Join or start Ray; True when this call started it (and so should stop it)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if cluster.address is None:
-        ray.init(
-            num_cpus=cluster.num_cpus,
-            include_dashboard=bool(cluster.dashboard),
-            dashboard_host="127.0.0.1",
-            namespace=cluster.namespace,
-            log_to_driver=True,
-        )
-    else:
-        ray.init(address=cluster.address, namespace=cluster.namespace)
-    return True
-
-
-def build_groups(roles: tuple[str, ...], cfg: DictConfig, draft: dict | None = None) -> dict[str, Any]:
-    import ray
-
-    from qsteer.actors.group import ActorGroup
-    from qsteer.actors.policy import PolicyActor
-    from qsteer.actors.reward import RewardActor
-
-    groups: dict[str, Any] = {}
-    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    if "policy" in roles:
-        m = cfg.model
-        engine_kwargs = OmegaConf.to_container(m.engine_kwargs, resolve=True)
-        if draft is not None and m.engine == "vllm":
-            engine_kwargs["speculative"] = draft  # vLLM fixes its speculative_config at engine start
-        # vLLM with tensor parallelism places its own GPU workers (Ray actors in a placement group
-        # of tensor_parallel_size bundles, distributed_executor_backend="ray"): the actor needs none.
-        own_gpu = has_gpu and not (m.engine == "vllm" and int(engine_kwargs.get("tensor_parallel_size", 1)) > 1)
-        num_gpus = (1 if own_gpu else 0) if m.num_gpus == "auto" else m.num_gpus
-        threads = m.num_threads
-        if threads is None and cfg.cluster.address is None and not num_gpus:
-            threads = max(1, (os.cpu_count() or 1) // m.replicas)
-        groups["policy"] = ActorGroup(
-            PolicyActor,
-            role="model",
-            replicas=m.replicas,
-            num_cpus=m.num_cpus,
-            num_gpus=num_gpus,
-            max_restarts=m.max_restarts,
-            engine=m.engine,
-            num_threads=threads,
-            path=m.path,
-            dtype=m.dtype,
-            device=m.device,
-            max_batch_rows=m.max_batch_rows,
-            chat_template=m.chat_template,
-            **engine_kwargs,
-        )
-        if draft is not None and draft["kind"] == "model" and not draft.get("colocate", True) and m.engine == "hf":
-            groups["draft"] = build_draft_group(cfg, has_gpu)
-            for i, actor in enumerate(groups["policy"].actors):
-                ray.get(actor.attach_draft.remote(groups["draft"].actors[i % len(groups["draft"].actors)]))
-    if "reward" in roles:
-        r = cfg.reward
-        groups["reward"] = ActorGroup(
-            RewardActor,
-            role="reward",
-            replicas=r.replicas,
-            num_cpus=r.num_cpus,
-            num_gpus=r.num_gpus,
-            max_restarts=r.max_restarts,
-            name=r.name,
-            target=r.target,
-            kwargs=OmegaConf.to_container(r.kwargs, resolve=True),
-        )
-    return groups
-
-
-def build_draft_group(cfg: DictConfig, has_gpu: bool):
-    """Draft actors for a model draft that does not live inside the policy actors."""
-    from qsteer.actors.draft import DraftActor
-    from qsteer.actors.group import ActorGroup
-
-    a = cfg.draft.actor
-    num_gpus = (1 if has_gpu else 0) if a.num_gpus == "auto" else a.num_gpus
-    threads = a.num_threads
-    if threads is None and cfg.cluster.address is None and not num_gpus:
-        threads = os.cpu_count() or 1  # drafting and verifying alternate, so each may use every core
-    return ActorGroup(
-        DraftActor, role="draft", replicas=a.replicas, num_cpus=a.num_cpus, num_gpus=num_gpus,
-        max_restarts=a.max_restarts, num_threads=threads, path=cfg.draft.path or cfg.model.path,
-        dtype=a.dtype, device=a.device, chat_template=cfg.model.chat_template,
-    )
-
-
-def run_job(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
-    """Run one job into `out_dir`; returns the summary. Used by the CLI and the tests."""
-    import ray
-    from tqdm import tqdm
-
-    started = time.perf_counter()
-    check_config(cfg)
-    records = load_dataset(cfg.dataset.name, path=cfg.dataset.path, limit=cfg.dataset.limit)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results = ResultsFile(out_dir / "results.jsonl")
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    if results.done_ids and (out_dir / "config.yaml").exists():
-        changes = config_changes(yaml.safe_load((out_dir / "config.yaml").read_text()), resolved)
-        if changes:
-            raise ConfigError(
-                f"{out_dir} holds results of a different config, so resuming would mix them "
-                f"({'; '.join(changes)}); choose another hydra.run.dir"
-            )
-    write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    todo = [r for r in records if r["id"] not in results.done_ids]
-    workflow = WORKFLOWS[cfg.workflow.name]
-
-    if "policy" in workflow.roles and cfg.cluster.address is None:
-        # Convert the default model once here, not in every replica, and fail before Ray starts.
-        resolve_model_path(cfg.model.path)
-    started_ray = connect(cfg.cluster)
-    draft = speculative_config(cfg)
-    groups = build_groups(workflow.roles, cfg, draft) if todo else {}
-    try:
-        ctx = Context(
-            workflow=OmegaConf.to_container(cfg.workflow, resolve=True),
-            params=SamplingParams(
-                max_new_tokens=cfg.generation.max_new_tokens,
-                temperature=cfg.generation.temperature,
-                top_p=cfg.generation.top_p,
-                top_k=cfg.generation.top_k,
-                stop=list(cfg.generation.stop),
-                seed=cfg.seed,
-                speculative=draft,
-            ),
-            policy=groups.get("policy"),
-            reward=groups.get("reward"),
-            chat=bool(cfg.model.chat_template),
-        )
-        if ctx.policy is not None:
-            ctx = replace(ctx, context_length=ray.get(ctx.policy.actors[0].info.remote())["context_length"])
-        batches = [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
-        failures: list[str] = []
-        lanes = len(ctx.policy) if ctx.policy is not None else len(ctx.reward or [1])
-        bar = tqdm(total=len(records), initial=len(records) - len(todo), desc=cfg.workflow.name,
-                   unit="prompt", disable=not cfg.progress, file=sys.stderr)
-        # One thread per replica keeps every replica busy; records are written as batches finish.
-        with ThreadPoolExecutor(max_workers=max(1, lanes)) as pool:
-            pending = {pool.submit(workflow.run, batch, ctx): batch for batch in batches}
-            while pending:
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    batch = pending.pop(future)
-                    try:
-                        for row in future.result():
-                            results.append(row)
-                    except Exception as err:  # a dead actor or similar: left for a rerun to retry
-                        failures.append(f"{[r['id'] for r in batch]}: {type(err).__name__}: {err}")
-                    bar.update(len(batch))
-        bar.close()
-        replica_calls = (
-            [info["calls"] for info in ctx.policy.call_all("info")] if ctx.policy is not None else []
-        )
-    finally:
-        for group in groups.values():
-            group.shutdown()
-        if started_ray:
-            ray.shutdown()
-
-    summary = summarize(
-        cfg.workflow.name, results.read(), wall_s=time.perf_counter() - started,
-        new_tokens=results.new_tokens, unfinished=failures, policy_replica_calls=replica_calls,
-    )
-    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return summary
+from qsteer.config import ConfigError
+from qsteer.data import DatasetError
+from qsteer.models import ModelNotFoundError
+from qsteer.results import ResultsError
+from qsteer.run import RunFolderBusy, run_job
 
 
 def print_summary(summary: dict[str, Any], out_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"qsteer {summary['workflow']}", caption=str(out_dir))
+    console = Console(stderr=True)
+    table = Table(title=f"qsteer {summary['workflow']}")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("num_prompts", "num_errors", "mean_reward", "generated_tokens", "wall_s", "tokens_per_s"):
-        value = summary[key]
+    for key in ("num_prompts", "num_errors", "mean_reward", "generated_tokens", "wall_s", "startup_s",
+                "generation_s", "tokens_per_s"):
+        value = summary.get(key)
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     for key, value in summary["metrics"].items():
         if isinstance(value, (int, float)):
             table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
-    Console(stderr=True).print(table)
-    if summary["metrics"].get("unfinished"):
-        Console(stderr=True).print(
-            f"[yellow]{len(summary['metrics']['unfinished'])} batch(es) failed; rerun into {out_dir} to retry them"
-        )
+    console.print(table)
+    # The folder on its own line, never wrapped or styled by rich, so it can be copied whole.
+    print(f"run folder: {out_dir}", file=sys.stderr)
+
+
+def failed(summary: dict[str, Any]) -> list[str]:
+    """Why a finished run counts as failed (batches that failed, or every record erring), first errors
+    quoted; [] when it did not fail."""
+    metrics, reasons = summary["metrics"], []
+    unfinished = metrics.get("unfinished", [])
+    if unfinished:
+        reasons += [f"{len(unfinished)} batch(es) failed and their prompts were not written:", *unfinished[:5]]
+    if summary["num_prompts"] and summary["num_errors"] == summary["num_prompts"]:
+        reasons += ["every record has an error; the first:", *metrics["first_errors"]]
+    return reasons
+
+
+_exit_codes: list[int] = []  # one per job that failed; a sweep goes on past a failed point
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -231,14 +63,32 @@ def _hydra_main(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         summary = run_job(cfg, out_dir)
-    except (ConfigError, DatasetError, ModelNotFoundError) as err:
+    except (ConfigError, DatasetError, ModelNotFoundError, ResultsError, RunFolderBusy) as err:
         print(f"qsteer: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        _exit_codes.append(2)
+        return
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (run.Stopped): the sweep stops too
+        signum = getattr(stop, "signum", signal.SIGINT)
+        print(f"qsteer: stopped by {signal.Signals(signum).name}; every finished record is in "
+              f"{out_dir / 'results.jsonl'}; rerun the same command to resume", file=sys.stderr)
+        sys.exit(128 + signum)
     print_summary(summary, out_dir)
+    reasons = failed(summary)
+    if reasons:
+        print("qsteer: the run failed: " + "\n  ".join(reasons), file=sys.stderr)
+        print(f"qsteer: fix the cause and rerun into {out_dir} to redo what failed", file=sys.stderr)
+        _exit_codes.append(1)
 
 
 def main() -> None:
+    # `python -m` puts the working directory on sys.path, the `qsteer` script does not: a reward
+    # module next to the user (reward.target=my_reward:fn) imports either way (local Ray workers
+    # get the driver's sys.path). Last, so it shadows nothing.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     _hydra_main()
+    if _exit_codes:
+        sys.exit(max(_exit_codes))
 
 
 if __name__ == "__main__":

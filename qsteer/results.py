@@ -17,6 +17,8 @@ def write_atomic(path: Path, text: str) -> None:
     """Write to a temp file beside `path`, then rename: a crash leaves the old file or the new one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        # mkstemp makes the file private (0600); run files get the mode any other file would (umask)
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -27,13 +29,51 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def dumps(obj: Any, **kwargs: Any) -> str:
+    """JSON with every NaN or infinity as null: bare `NaN` is not JSON, and most readers refuse it.
+    (A reward that is not finite never gets here: it is its record's error.)"""
+    return json.dumps(_finite(obj), ensure_ascii=False, allow_nan=False, **kwargs)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+class ResultsError(ValueError):
+    """A run folder's results.jsonl cannot be resumed from; the message names the file and line."""
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask would open a window for other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 class ResultsFile:
-    """One JSON object per line, fsynced as written. On open, a line cut short by a crash is
-    dropped (its prompt reruns), so every id ends up exactly once."""
+    """One JSON object per line, fsynced as written, every id exactly once.
+
+    On open, a last line cut short by a crash is dropped (its prompt reruns). Records that ended
+    in an error are dropped by `drop_errors` so that a resumed run retries them. Any other damaged
+    line is a ResultsError naming its line: skipping it would silently redo or lose a record.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.done_ids: set[str] = set()
+        self.errored_ids: set[str] = set()
         self.new_tokens = 0
         if path.exists():
             data = path.read_bytes()
@@ -41,24 +81,58 @@ class ResultsFile:
             if len(complete) != len(data):
                 with open(path, "r+b") as f:
                     f.truncate(len(complete))
-            for line in complete.decode().splitlines():
-                if line.strip():
-                    self.done_ids.add(str(json.loads(line)["id"]))
+            for row in self.read():
+                self.done_ids.add(row["id"])
+                if row.get("error") is not None:
+                    self.errored_ids.add(row["id"])
+
+    def drop_errors(self) -> int:
+        """Remove the records that ended in an error, so this run redoes them; how many there were."""
+        if not self.errored_ids:
+            return 0
+        kept = [line for line, row in self._lines() if row["id"] not in self.errored_ids]
+        write_atomic(self.path, "".join(line + "\n" for line in kept))
+        self.done_ids -= self.errored_ids
+        dropped, self.errored_ids = len(self.errored_ids), set()
+        return dropped
 
     def append(self, row: dict[str, Any]) -> None:
         if row["id"] in self.done_ids:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.write(dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
         self.done_ids.add(row["id"])
         self.new_tokens += int(row.get("stats", {}).get("generated_tokens", 0))
 
     def read(self) -> list[dict[str, Any]]:
+        return [row for _, row in self._lines()]
+
+    def _lines(self) -> list[tuple[str, dict[str, Any]]]:
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        out = []
+        with self.path.open("rb") as f:
+            for number, raw in enumerate(f, start=1):
+                where = f"{self.path}:{number}"
+                try:
+                    line = raw.decode("utf-8").rstrip("\n")
+                except UnicodeDecodeError as err:
+                    raise ResultsError(f"{where}: not UTF-8 ({err.reason} at byte {err.start}); {_DAMAGED}") from None
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ResultsError(f"{where}: not a JSON record ({err.msg}); {_DAMAGED}") from None
+                if not isinstance(row, dict) or "id" not in row:
+                    raise ResultsError(f"{where}: not a result record (no 'id'); {_DAMAGED}")
+                out.append((line, {**row, "id": str(row["id"])}))
+        return out
+
+
+_DAMAGED = "the file was changed outside qsteer: repair or delete that line (its prompt then reruns)"
 
 
 # Keys that change where or how fast a run goes, never what it writes: a resumed run may change them.
@@ -86,29 +160,51 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return changed
 
 
+FIRST_ERRORS = 5  # record errors quoted in the summary; results.jsonl has them all
+
+
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
 def summarize(workflow: str, rows: list[dict[str, Any]], *, wall_s: float, new_tokens: int,
+              startup_s: float | None = None, generation_s: float | None = None, pass_fail: bool = False,
               unfinished: list[str] | None = None, policy_replica_calls: list[int] | None = None) -> dict[str, Any]:
-    rewards = [r["reward"] for r in rows if r.get("reward") is not None and math.isfinite(r["reward"])]
-    candidate_rewards = [c["reward"] for r in rows for c in r.get("candidates", []) if c.get("reward") is not None]
+    """The run's summary over all its records.
+
+    With a pass/fail reward (`pass_fail`), a record or candidate that errored (no reward: a
+    scorer crash, a prompt over the context) is a failure: it counts 0 in the means and in
+    pass@k, so an error can never raise the pass rate. Other rewards have no failing value, so
+    their means cover the records that were scored (`scored_prompts` says how many).
+
+    `tokens_per_s` is this run's new tokens over the time its batches ran (`generation_s`), so
+    starting Ray and loading models (`startup_s`, reported apart) does not dilute it.
+    """
+    failure = 0.0 if pass_fail else None
+    rewards = [r["reward"] if r.get("reward") is not None else failure for r in rows]
+    rewards = [v for v in rewards if v is not None]
+    candidate_rewards = [c["reward"] if c.get("reward") is not None else failure
+                         for r in rows for c in r.get("candidates", [])]
+    candidate_rewards = [v for v in candidate_rewards if v is not None]
     metrics: dict[str, Any] = {
         "mean_candidate_reward": _mean(candidate_rewards),
         "max_reward": max(rewards) if rewards else None,
         "min_reward": min(rewards) if rewards else None,
+        "scored_prompts": len(rewards),
         "new_generated_tokens": new_tokens,
         "prompt_tokens": sum(int(r.get("stats", {}).get("prompt_tokens", 0)) for r in rows),
     }
-    # Pass/fail rewards (code tests): report pass@k over each prompt's candidates.
-    counts = [(len(r["candidates"]), sum(c["reward"] == 1.0 for c in r["candidates"]))
-              for r in rows if r.get("candidates") and r.get("error") is None]
-    if candidate_rewards and all(v in (0.0, 1.0) for v in candidate_rewards) and counts:
-        n = min(n for n, _ in counts)
-        for k in sorted({1, n}):
+    if pass_fail and rows:
+        # A record with no candidates (it erred before generating) failed all of its samples.
+        samples = max((len(r.get("candidates", [])) for r in rows), default=0) or 1
+        counts = [(len(r["candidates"]) or samples, sum(c.get("reward") == 1.0 for c in r["candidates"]))
+                  for r in rows]
+        for k in sorted({1, min(n for n, _ in counts)}):
             metrics[f"pass@{k}"] = mean_pass_at_k(counts, k)
     metrics.update(run_metrics(rows))
+    errors = [f"{r['id']}: {r['error']}" for r in rows if r.get("error") is not None]
+    if errors:
+        metrics["first_errors"] = errors[:FIRST_ERRORS]
     if unfinished:
         metrics["unfinished"] = unfinished
     if policy_replica_calls:
@@ -121,6 +217,8 @@ def summarize(workflow: str, rows: list[dict[str, Any]], *, wall_s: float, new_t
         "mean_reward": _mean(rewards),
         "generated_tokens": generated,
         "wall_s": round(wall_s, 3),
-        "tokens_per_s": round(new_tokens / wall_s, 2) if wall_s > 0 else None,
+        "startup_s": None if startup_s is None else round(startup_s, 3),
+        "generation_s": None if generation_s is None else round(generation_s, 3),
+        "tokens_per_s": round(new_tokens / generation_s, 2) if generation_s else None,
         "metrics": metrics,
     }

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from qsteer.cli import run_job
-
-pytestmark = pytest.mark.slow
+from qsteer.cli import print_summary
+from qsteer.run import run_job
 
 QSTEER = [sys.executable, "-m", "qsteer.cli"]
 COMMON = ["cluster.dashboard=false", "progress=false", "generation.max_new_tokens=16", "workflow.n=2"]
@@ -25,6 +24,8 @@ def ids_and_outputs(path: Path) -> list[tuple[str, str, float]]:
     return sorted((r["id"], r["output"], r["reward"]) for r in rows)
 
 
+@pytest.mark.ray
+@pytest.mark.model
 def test_killed_run_resumes_to_the_uninterrupted_result(ray_session, compose, tmp_path):
     overrides = [*COMMON, "dataset.limit=6", "batch_size=1"]
     run_job(compose(*overrides), tmp_path / "whole")
@@ -53,6 +54,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(ray_session, compose, tm
     assert resumed == ids_and_outputs(tmp_path / "whole" / "results.jsonl")
 
 
+@pytest.mark.ray
+@pytest.mark.model
 def test_multirun_sweep_writes_one_table_and_one_plot(tmp_path):
     sweep = tmp_path / "sweep"
     proc = subprocess.run(
@@ -71,7 +74,16 @@ def test_multirun_sweep_writes_one_table_and_one_plot(tmp_path):
     assert report.returncode == 0 and "workflow.n" in report.stdout
 
 
+@pytest.mark.slow
 def test_bad_input_exits_with_a_message_naming_the_key(tmp_path):
     proc = subprocess.run([*QSTEER, "workflow.n=-2", f"hydra.run.dir={tmp_path}"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "workflow.n must be an integer >= 1, got -2" in proc.stderr
+
+
+def test_summary_prints_the_run_folder_whole_on_its_own_line(capsys, tmp_path):
+    out = tmp_path.joinpath(*["a-rather-long-folder-name"] * 8)  # wider than any terminal's line
+    summary = {"workflow": "best_of_n", "num_prompts": 2, "num_errors": 0, "mean_reward": 0.5,
+               "generated_tokens": 10, "wall_s": 1.0, "tokens_per_s": 10.0, "metrics": {}}
+    print_summary(summary, out)
+    assert f"run folder: {out}" in capsys.readouterr().err.splitlines()

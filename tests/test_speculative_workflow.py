@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from qsteer.cli import run_job
 from qsteer.config import ConfigError, check_config
+from qsteer.run import run_job
 
 COMMON = ["dataset.limit=3", "generation.max_new_tokens=24", "cluster.dashboard=false"]
 

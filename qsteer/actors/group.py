@@ -2,7 +2,9 @@
 
 A group declares its resources from config, restarts dead replicas (`max_restarts`) and retries
 their calls (`max_task_retries`); every method the workflows call is a pure function of its
-arguments and seeds, so a retried call cannot change or duplicate a result.
+arguments and seeds, so a retried call cannot change or duplicate a result. This is the one
+place `ray.get` is called on a role's behalf: workflows see it through the typed groups of
+`actors.roles`, so they never touch Ray.
 """
 
 from __future__ import annotations
@@ -55,12 +57,19 @@ class ActorGroup:
             self._in_flight[index].append(ref)
         return ref
 
-    def get(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return ray.get(self.call(method, *args, **kwargs))
+    def run(self, method: str, *args: Any) -> Any:
+        return ray.get(self.call(method, *args))
 
-    def call_all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
-        return ray.get([getattr(actor, method).remote(*args, **kwargs) for actor in self.actors])
+    def run_all(self, method: str, *args: Any) -> list[Any]:
+        return ray.get([getattr(actor, method).remote(*args) for actor in self.actors])
 
     def shutdown(self) -> None:
         for actor in self.actors:
             ray.kill(actor)
+
+
+def attach_drafts(policy: ActorGroup, draft: ActorGroup) -> None:
+    """Hand each policy replica a draft replica (round robin), for drafts outside the policy actors."""
+    ray.get([
+        actor.attach_draft.remote(draft.actors[i % len(draft.actors)]) for i, actor in enumerate(policy.actors)
+    ])

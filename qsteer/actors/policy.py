@@ -1,18 +1,20 @@
-"""The policy role: one engine per actor, served to workflows by token ids."""
+"""The policy role: one engine, served to workflows by token ids.
+
+`Policy` holds an engine and counts the calls that cost model time; `PolicyActor` is the same
+class building its own engine, which is what a Ray replica (or a test's in-process group) hosts.
+"""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
-from qsteer.engines import Completion, SamplingParams, build_engine
+from qsteer.engines import Completion, Engine, SamplingParams, build_engine
 
 
-class PolicyActor:
-    def __init__(self, engine: str = "hf", num_threads: int | None = None, **engine_kwargs: Any) -> None:
-        # Ray pins OMP threads to the actor's num_cpus; an explicit count (or the node's cores
-        # shared among its replicas) lets a CPU actor use the whole machine.
-        self.engine = build_engine(engine, num_threads=num_threads, **engine_kwargs)
+class Policy:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
         self.calls = 0
 
     def info(self) -> dict[str, Any]:
@@ -43,3 +45,10 @@ class PolicyActor:
     def topk_next(self, prefixes: list[list[int]], k: int) -> list[list[tuple[int, float]]]:
         self.calls += 1
         return self.engine.topk_next(prefixes, k)
+
+
+class PolicyActor(Policy):
+    def __init__(self, engine: str = "hf", num_threads: int | None = None, **engine_kwargs: Any) -> None:
+        # Ray pins OMP threads to the actor's num_cpus; an explicit count (or the node's cores
+        # shared among its replicas) lets a CPU actor use the whole machine.
+        super().__init__(build_engine(engine, num_threads=num_threads, **engine_kwargs))

@@ -1,17 +1,25 @@
-"""The reward role: hosts one reward function, so slow or unsafe rewards leave the driver."""
+"""The reward role: hosts one reward function, so slow or unsafe rewards leave the driver.
+
+`Reward` wraps a callable with TRL's signature; `RewardActor` builds it from the reward config,
+which is what a Ray replica (or a test's in-process group) hosts.
+"""
 
 from __future__ import annotations
 
+import math
 import traceback
 from typing import Any
 
-from qsteer.rewards import build_reward, split_reward
+from qsteer.rewards import RewardFn, build_reward, split_reward
 
 
-class RewardActor:
-    def __init__(self, name: str | None = None, target: str | None = None, kwargs: dict | None = None) -> None:
-        self.fn = build_reward(name, target, **(kwargs or {}))
+class Reward:
+    def __init__(self, fn: RewardFn) -> None:
+        self.fn = fn
         self.calls = 0
+
+    def info(self) -> dict[str, Any]:
+        return {"calls": self.calls}
 
     def score(
         self,
@@ -42,7 +50,19 @@ class RewardActor:
         values = self.fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
         if len(values) != len(prompts):
             raise ValueError(f"reward returned {len(values)} values for {len(prompts)} completions")
-        return [split_reward(v) for v in values]
+        return [_finite(*split_reward(v)) for v in values]
+
+
+def _finite(reward: float | None, info: dict) -> tuple[float | None, dict]:
+    """A NaN or infinite reward is the item's error: no mean, max or JSON file can hold it honestly."""
+    if reward is not None and not math.isfinite(reward):
+        return None, {**info, "error": f"reward is {reward} (not a finite number)"}
+    return reward, info
+
+
+class RewardActor(Reward):
+    def __init__(self, name: str | None = None, target: str | None = None, kwargs: dict | None = None) -> None:
+        super().__init__(build_reward(name, target, **(kwargs or {})))
 
 
 def _last_line(trace: str) -> str:

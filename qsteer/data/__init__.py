@@ -100,8 +100,16 @@ def _existing_file(path: str | Path) -> Path:
 
 def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
     first_line_of: dict[str, int] = {}
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                # utf-8-sig on the first line accepts the byte-order mark some editors write
+                line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise DatasetError(
+                    f"{path}:{line_number}: not UTF-8 ({error.reason} at byte {error.start} of the line); "
+                    "save the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:

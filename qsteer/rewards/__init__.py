@@ -27,6 +27,22 @@ BUILTIN_REWARDS = {
 }
 
 
+# Built-in rewards whose values mean pass (1.0) or fail (0.0). A callable declares the same with
+# a `pass_fail = True` attribute. The summary then counts errors as failures and reports pass@k.
+PASS_FAIL_REWARDS = {"code_tests"}
+
+
+# Dataset fields a built-in reward reads, each a tuple of alternatives: checked before any model loads.
+REQUIRED_COLUMNS = {"code_tests": (("test", "tests"), ("entry_point",))}
+
+
+def is_pass_fail(name: str | None, target: str | None = None) -> bool:
+    """Whether the reward (`reward.name`, or the callable at `reward.target`) is declared pass/fail."""
+    if target:
+        return bool(getattr(import_object(target), "pass_fail", False))
+    return name in PASS_FAIL_REWARDS
+
+
 def import_object(path: str) -> Any:
     """Import `pkg.module:attr` or `pkg.module.attr`."""
     module_name, sep, attr = path.partition(":")

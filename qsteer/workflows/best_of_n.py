@@ -15,15 +15,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
-from qsteer.workflows.common import (
-    Context,
-    Stats,
-    candidate,
-    generate_and_score,
-    record_stats,
-    result,
-    reward_error,
-)
+from qsteer.workflows.common import Choice, Context, Stats, assemble, generate_and_score
 
 AGGREGATES = ("max", "weighted", "majority")
 _DEFAULT_PATTERNS = (r"\\boxed\{([^{}]*)\}", r"(-?\d[\d,]*(?:\.\d+)?)")
@@ -60,26 +52,17 @@ def select(rewards: list[float | None], answers: list[str | None], aggregate: st
 
 
 def run(records: list[dict], ctx: Context) -> list[dict]:
-    n = int(ctx.workflow["n"])
-    aggregate = ctx.workflow.get("aggregate", "max")
-    pattern = ctx.workflow.get("answer_pattern")
+    aggregate, pattern = ctx.workflow.aggregate, ctx.workflow.answer_pattern
     stats = Stats()
-    completions, errors, scored = generate_and_score(records, ctx, n, stats)
-    out = []
-    for record, comps, err, rewards in zip(records, completions, errors, scored, strict=True):
-        if comps is None:
-            out.append(result(record, None, None, [], record_stats(stats, len(records), None, record["id"]), err))
-            continue
-        answers = [extract_answer(c.text, pattern) for c in comps] if aggregate != "max" else [None] * n
-        chosen = select([r for r, _ in rewards], answers, aggregate)
-        cands = [candidate(c.text, r, info, c) for c, (r, info) in zip(comps, rewards, strict=True)]
-        extra = {"selected": chosen}
-        if aggregate != "max":
-            extra["answer"] = answers[chosen]
-            for cand, answer in zip(cands, answers, strict=True):
-                cand["answer"] = answer
-        out.append(
-            result(record, comps[chosen].text, rewards[chosen][0], cands,
-                   record_stats(stats, len(records), comps, record["id"]), reward_error(rewards), **extra)
-        )
-    return out
+    completions, errors, scored = generate_and_score(records, ctx, ctx.workflow.n, stats)
+
+    def choose(position: int, candidates: list[dict]) -> Choice:
+        if aggregate == "max":
+            chosen = select([c["reward"] for c in candidates], [None] * len(candidates), aggregate)
+            return Choice(chosen, {"selected": chosen})
+        for cand in candidates:
+            cand["answer"] = extract_answer(cand["text"], pattern)
+        chosen = select([c["reward"] for c in candidates], [c["answer"] for c in candidates], aggregate)
+        return Choice(chosen, {"selected": chosen, "answer": candidates[chosen]["answer"]})
+
+    return assemble(records, completions, errors, scored, stats, choose)

@@ -1,0 +1,399 @@
+"""run_job: one job into one run folder.
+
+Checks the config, loads the dataset, resumes from the folder's `results.jsonl`, connects to (or
+starts) Ray, builds the role groups the workflow needs, runs the workflow over batches of prompts
+and appends each finished record; ends with `summary.json`. Tests hand it in-process role groups
+instead, and it then runs without Ray.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from qsteer.config import ConfigError, check_config, speculative_config
+from qsteer.data import DatasetError, load_dataset
+from qsteer.engines import SamplingParams
+from qsteer.models import ModelNotFoundError, resolve_model_path
+from qsteer.results import ResultsFile, config_changes, dumps, summarize, write_atomic
+from qsteer.rewards import REQUIRED_COLUMNS, is_pass_fail
+from qsteer.workflows import WORKFLOWS, Context, Workflow
+
+
+def run_job(cfg: DictConfig, out_dir: str | Path, roles: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run one job into `out_dir`; returns the summary.
+
+    `roles` ("policy", "reward": groups with the interfaces of `actors/roles.py`) replaces Ray:
+    the job then runs on them, and they stay the caller's.
+    """
+    started = time.perf_counter()
+    check_config(cfg)
+    records = load_dataset(cfg.dataset.name, path=cfg.dataset.path, limit=cfg.dataset.limit)
+    check_job(cfg, records)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with lock_run_folder(out_dir):
+        return _run_in(out_dir, cfg, records, roles, started)
+
+
+def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str, Any] | None,
+            started: float) -> dict[str, Any]:
+    results = ResultsFile(out_dir / "results.jsonl")
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    if results.done_ids and (out_dir / "config.yaml").exists():
+        changes = config_changes(yaml.safe_load((out_dir / "config.yaml").read_text()), resolved)
+        if changes:
+            raise ConfigError(
+                f"{out_dir} holds results of a different config, so resuming would mix them "
+                f"({'; '.join(changes)}); choose another hydra.run.dir"
+            )
+    write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    retried = results.drop_errors()  # a record that ended in an error is redone, never kept beside its redo
+    todo = [r for r in records if r["id"] not in results.done_ids]
+    workflow = WORKFLOWS[cfg.workflow.name]
+    draft = speculative_config(cfg)
+
+    own_roles = roles is None
+    started_ray, stopped, previous = False, None, None
+    ready = finished = None
+    failures: list[str] = []
+    replica_calls: list[int] = []
+    try:
+        if own_roles:
+            roles = {}
+            if todo and cfg.cluster.address is None:
+                check_local_resources(cfg, workflow.roles, draft)
+            if "policy" in workflow.roles and cfg.cluster.address is None:
+                # Convert the default model once here, not in every replica, and fail before Ray starts.
+                resolve_model_path(cfg.model.path)
+            started_ray = connect(cfg.cluster)
+            previous = _stop_on_sigterm()  # after ray.init, whose own handler would exit at once
+            if todo:
+                build_roles(workflow.roles, cfg, draft, into=roles)
+        ctx = context(cfg, roles, draft)  # waits for the policy replicas to load
+        ready = time.perf_counter()
+        failures = run_batches(workflow, todo, ctx, results, cfg, total=len(records))
+        finished = time.perf_counter()
+        replica_calls = [info["calls"] for info in ctx.policy.info()] if ctx.policy is not None else []
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM through the CLI's handler: keep what finished
+        stopped = err
+        _ignore_signals()  # a second Ctrl-C must not cut the cleanup short and orphan Ray's processes
+    finally:
+        if own_roles:
+            for group in (roles or {}).values():
+                group.shutdown()
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+    summary = summarize(
+        cfg.workflow.name, results.read(), wall_s=time.perf_counter() - started, new_tokens=results.new_tokens,
+        startup_s=None if ready is None else ready - started,
+        generation_s=None if finished is None else finished - ready,
+        pass_fail=is_pass_fail(cfg.reward.name, cfg.reward.target), unfinished=failures,
+        policy_replica_calls=replica_calls,
+    )
+    if retried:
+        summary["metrics"]["retried_errors"] = retried
+    if stopped is not None:
+        summary["metrics"]["stopped_by"] = signal.Signals(getattr(stopped, "signum", signal.SIGINT)).name
+    write_atomic(out_dir / "summary.json", dumps(summary, indent=2) + "\n")
+    if stopped is not None:
+        raise stopped
+    return summary
+
+
+class RunFolderBusy(RuntimeError):
+    """Another run holds the run folder's lock."""
+
+
+@contextmanager
+def lock_run_folder(out_dir: Path) -> Iterator[None]:
+    """Hold the run folder for this run: a second run into it is refused, never mixed in.
+
+    An advisory `flock` on `.qsteer.lock`: the kernel releases it when the process ends however
+    it ends, so a crashed run leaves no stale lock to clear by hand.
+    """
+    handle = open(out_dir / ".qsteer.lock", "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise RunFolderBusy(
+                f"{out_dir} is in use by another qsteer run ({handle.read().strip() or 'unknown'}); "
+                "wait for it to finish or choose another hydra.run.dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # releases the lock
+
+
+class Stopped(KeyboardInterrupt):
+    """The run was stopped by a signal (SIGTERM; Ctrl-C raises KeyboardInterrupt itself)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop_on_sigterm() -> Any:
+    """Make SIGTERM unwind the run as Ctrl-C does; returns the handler it replaced (None off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Stopped(signum)
+
+    return signal.signal(signal.SIGTERM, stop)
+
+
+def _ignore_signals() -> None:
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
+
+
+def check_job(cfg: DictConfig, records: list[dict]) -> None:
+    """Checks that need the dataset or an engine's signature, still before Ray or any model starts."""
+    source = cfg.dataset.path or f"dataset={cfg.dataset.name}"
+    if cfg.workflow.name == "score":
+        missing = [r["id"] for r in records if not isinstance(r.get("completion"), str)]
+        if missing:
+            raise DatasetError(f"{source}: workflow=score scores given completions, but {len(missing)} record(s) "
+                               f"have no string 'completion' (first: {missing[0]!r})")
+    for alternatives in REQUIRED_COLUMNS.get(cfg.reward.name, ()) if not cfg.reward.target else ():
+        missing = [r["id"] for r in records if not any(r.get(name) is not None for name in alternatives)]
+        if missing:
+            raise DatasetError(f"{source}: reward={cfg.reward.name} needs {' or '.join(map(repr, alternatives))} "
+                               f"in every record; {len(missing)} have none (first: {missing[0]!r})")
+    reward_model = OmegaConf.select(cfg, "reward.kwargs.model_path")
+    if reward_model is not None:  # the judge's model: a bad path must not read as the policy's
+        try:
+            resolve_model_path(reward_model)
+        except ModelNotFoundError as err:
+            raise ConfigError(str(err).replace("model.path=", "reward.kwargs.model_path=", 1)) from None
+    if "policy" in WORKFLOWS[cfg.workflow.name].roles and cfg.model.engine == "hf" and cfg.model.engine_kwargs:
+        import inspect
+
+        from qsteer.engines.hf import HFEngine
+
+        # the keys build_roles passes from model.* itself are not engine_kwargs either
+        taken = {"self", "path", "dtype", "device", "max_batch_rows", "num_threads", "chat_template"}
+        parameters = inspect.signature(HFEngine.__init__).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            return  # it takes any keyword: nothing to check here
+        accepted = set(parameters) - taken
+        unknown = sorted(set(cfg.model.engine_kwargs) - accepted)
+        if unknown:
+            raise ConfigError(f"model.engine_kwargs has {', '.join(unknown)}, which the hf engine does not take "
+                              f"(it takes: {', '.join(sorted(accepted)) or 'none'}); engine_kwargs are for "
+                              "model.engine=vllm, whose vllm.LLM arguments they are")
+
+
+def context(cfg: DictConfig, roles: dict[str, Any], draft: dict | None) -> Context:
+    policy = roles.get("policy")
+    return Context(
+        workflow=cfg.workflow,
+        params=SamplingParams(
+            max_new_tokens=cfg.generation.max_new_tokens,
+            temperature=cfg.generation.temperature,
+            top_p=cfg.generation.top_p,
+            top_k=cfg.generation.top_k,
+            stop=list(cfg.generation.stop),
+            seed=cfg.seed,
+            speculative=draft,
+        ),
+        policy=policy,
+        reward=roles.get("reward"),
+        chat=bool(cfg.model.chat_template),
+        **({"context_length": policy.info()[0]["context_length"]} if policy is not None else {}),
+    )
+
+
+def run_batches(workflow: Workflow, todo: list[dict], ctx: Context, results: ResultsFile, cfg: DictConfig,
+                total: int) -> list[str]:
+    """Run the workflow over batches, appending records as each batch finishes; the failed batches."""
+    from tqdm import tqdm
+
+    batches = [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
+    failures: list[str] = []
+    lanes = len(ctx.policy) if ctx.policy is not None else len(ctx.reward) if ctx.reward is not None else 1
+    bar = tqdm(total=total, initial=total - len(todo), desc=cfg.workflow.name, unit="prompt",
+               disable=not cfg.progress, file=sys.stderr)
+    # One thread per replica keeps every replica busy; records are written as batches finish.
+    pool = ThreadPoolExecutor(max_workers=max(1, lanes))
+    try:
+        pending = {pool.submit(workflow.run, batch, ctx): batch for batch in batches}
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                batch = pending.pop(future)
+                try:
+                    for row in future.result():
+                        results.append(row)
+                except Exception as err:  # a dead actor or similar: left for a rerun to retry
+                    failures.append(f"{[r['id'] for r in batch]}: {type(err).__name__}: {err}")
+                bar.update(len(batch))
+    finally:
+        # On a stop, batches not started are dropped and running ones are not waited for: their
+        # calls end when the caller shuts the role groups down, and a rerun redoes them.
+        pool.shutdown(wait=False, cancel_futures=True)
+        bar.close()
+    return failures
+
+
+def check_local_resources(cfg: DictConfig, roles: tuple[str, ...], draft: dict | None) -> None:
+    """Refuse, before Ray starts, actors that the local Ray cannot place: Ray would wait for them forever."""
+    groups = []  # (role, config prefix, its config): each group asks replicas x num_cpus and num_gpus
+    if "policy" in roles:
+        groups.append(("model", "model", cfg.model))
+        if draft is not None and draft["kind"] == "model" and not draft.get("colocate", True) \
+                and cfg.model.engine == "hf":
+            groups.append(("draft", "draft.actor", cfg.draft.actor))
+    if "reward" in roles:
+        groups.append(("reward", "reward", cfg.reward))
+    cpus = cfg.cluster.num_cpus or os.cpu_count() or 1
+    where = f"cluster.num_cpus={cpus}" if cfg.cluster.num_cpus else f"this machine's {cpus} cores"
+    for role, key, group in groups:
+        if group.num_cpus > cpus:
+            raise ConfigError(f"{key}.num_cpus={group.num_cpus}: one {role} actor needs more CPUs than the local "
+                              f"Ray has ({where}); lower {key}.num_cpus or raise cluster.num_cpus")
+    total = sum(group.replicas * group.num_cpus for _, _, group in groups)
+    if total > cpus:
+        parts = ", ".join(f"{role}: {key}.replicas={group.replicas} x {key}.num_cpus={group.num_cpus}"
+                          for role, key, group in groups if group.num_cpus)
+        raise ConfigError(f"the actors need {total:g} CPUs ({parts}) but the local Ray has {where}; "
+                          "lower a role's replicas or num_cpus, or raise cluster.num_cpus")
+    asked = {key: group.replicas * group.num_gpus for _, key, group in groups if group.num_gpus not in ("auto", 0)}
+    if asked:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if sum(asked.values()) > gpus:
+            raise ConfigError(f"the actors ask for {sum(asked.values()):g} GPUs "
+                              f"({', '.join(f'{k}.num_gpus x replicas: {n:g}' for k, n in asked.items())}) but "
+                              f"this machine has {gpus}; set num_gpus to auto or lower it")
+
+
+def connect(cluster: DictConfig) -> bool:
+    """Join or start Ray; True when this call started it (and so should stop it)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if cluster.address is None:
+        # "local" always starts a private instance; None would join RAY_ADDRESS or the last cluster
+        # started on this machine (/tmp/ray), and hang retrying one that has died.
+        ray.init(
+            address="local",
+            num_cpus=cluster.num_cpus,
+            include_dashboard=bool(cluster.dashboard),
+            dashboard_host="127.0.0.1",
+            namespace=cluster.namespace,
+            log_to_driver=True,
+        )
+    else:
+        ray.init(address=cluster.address, namespace=cluster.namespace)
+    return True
+
+
+def build_roles(roles: tuple[str, ...], cfg: DictConfig, draft: dict | None = None,
+                into: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The Ray groups of the roles a workflow needs, with resources from the config.
+
+    Each group goes into `into` as soon as it exists, so a failure or a stop while later ones
+    start still leaves the caller every group to shut down.
+    """
+    import ray
+
+    from qsteer.actors.group import ActorGroup, attach_drafts
+    from qsteer.actors.policy import PolicyActor
+    from qsteer.actors.reward import RewardActor
+    from qsteer.actors.roles import PolicyGroup, RewardGroup
+
+    groups: dict[str, Any] = {} if into is None else into
+    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    if "policy" in roles:
+        m = cfg.model
+        engine_kwargs = OmegaConf.to_container(m.engine_kwargs, resolve=True)
+        if draft is not None and m.engine == "vllm":
+            engine_kwargs["speculative"] = draft  # vLLM fixes its speculative_config at engine start
+        # vLLM with tensor parallelism places its own GPU workers (Ray actors in a placement group
+        # of tensor_parallel_size bundles, distributed_executor_backend="ray"): the actor needs none.
+        own_gpu = has_gpu and not (m.engine == "vllm" and int(engine_kwargs.get("tensor_parallel_size", 1)) > 1)
+        num_gpus = (1 if own_gpu else 0) if m.num_gpus == "auto" else m.num_gpus
+        threads = m.num_threads
+        if threads is None and cfg.cluster.address is None and not num_gpus:
+            threads = max(1, (os.cpu_count() or 1) // m.replicas)
+        policy = ActorGroup(
+            PolicyActor,
+            role="model",
+            replicas=m.replicas,
+            num_cpus=m.num_cpus,
+            num_gpus=num_gpus,
+            max_restarts=m.max_restarts,
+            engine=m.engine,
+            num_threads=threads,
+            path=m.path,
+            dtype=m.dtype,
+            device=m.device,
+            max_batch_rows=m.max_batch_rows,
+            chat_template=m.chat_template,
+            **engine_kwargs,
+        )
+        groups["policy"] = PolicyGroup(policy)
+        if draft is not None and draft["kind"] == "model" and not draft.get("colocate", True) and m.engine == "hf":
+            groups["draft"] = build_draft_group(cfg, has_gpu)
+            attach_drafts(policy, groups["draft"])
+    if "reward" in roles:
+        r = cfg.reward
+        groups["reward"] = RewardGroup(ActorGroup(
+            RewardActor,
+            role="reward",
+            replicas=r.replicas,
+            num_cpus=r.num_cpus,
+            num_gpus=r.num_gpus,
+            max_restarts=r.max_restarts,
+            name=r.name,
+            target=r.target,
+            kwargs=OmegaConf.to_container(r.kwargs, resolve=True),
+        ))
+    return groups
+
+
+def build_draft_group(cfg: DictConfig, has_gpu: bool):
+    """Draft actors for a model draft that does not live inside the policy actors."""
+    from qsteer.actors.draft import DraftActor
+    from qsteer.actors.group import ActorGroup
+
+    a = cfg.draft.actor
+    num_gpus = (1 if has_gpu else 0) if a.num_gpus == "auto" else a.num_gpus
+    threads = a.num_threads
+    if threads is None and cfg.cluster.address is None and not num_gpus:
+        threads = os.cpu_count() or 1  # drafting and verifying alternate, so each may use every core
+    return ActorGroup(
+        DraftActor, role="draft", replicas=a.replicas, num_cpus=a.num_cpus, num_gpus=num_gpus,
+        max_restarts=a.max_restarts, num_threads=threads, path=cfg.draft.path or cfg.model.path,
+        dtype=a.dtype, device=a.device, chat_template=cfg.model.chat_template,
+    )
