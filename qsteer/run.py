@@ -188,7 +188,7 @@ def check_job(cfg: DictConfig, records: list[dict]) -> None:
             raise DatasetError(f"{source}: reward={cfg.reward.name} needs {' or '.join(map(repr, alternatives))} "
                                f"in every record; {len(missing)} have none (first: {missing[0]!r})")
     reward_model = OmegaConf.select(cfg, "reward.kwargs.model_path")
-    if reward_model is not None:  # the judge's model: a bad path must not read as the policy's
+    if reward_model:  # a judge's or reward model's folder: a bad path must not read as the policy's
         try:
             resolve_model_path(reward_model)
         except ModelNotFoundError as err:

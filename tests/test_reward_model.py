@@ -120,7 +120,7 @@ def test_reward_model_scores_through_the_score_workflow(ray_session, compose, tm
     """End to end: `qsteer workflow=score reward=model reward.kwargs.model_path=...` in a reward actor."""
     import json
 
-    from qsteer.cli import run_job
+    from qsteer.run import run_job
 
     folder = own_tokenizer_model(tmp_path / "rm")
     data = tmp_path / "pairs.jsonl"
