@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from qsteer.config import resource_keys
 from qsteer.metrics import mean_pass_at_k
 from qsteer.metrics.speculative import run_metrics
 
@@ -135,12 +136,6 @@ class ResultsFile:
 _DAMAGED = "the file was changed outside qsteer: repair or delete that line (its prompt then reruns)"
 
 
-# Keys that change where or how fast a run goes, never what it writes: a resumed run may change them.
-_RESOURCE_KEYS = ("progress", "batch_size", "cluster", "dataset.limit", "model.replicas", "model.num_cpus",
-                  "model.num_gpus", "model.num_threads", "model.max_batch_rows", "model.max_restarts",
-                  "reward.replicas", "reward.num_cpus", "reward.num_gpus", "reward.max_restarts")
-
-
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     """A nested config as dotted keys: {'workflow.n': 4, ...}."""
     if isinstance(tree, dict):
@@ -149,11 +144,17 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Keys whose values differ between a run folder's config and this run's, resources aside."""
+    """Keys whose values differ between a run folder's config and this run's, resources aside.
+
+    Resources change where or how fast a run goes, never what it writes; they are the config
+    fields marked `resource` in qsteer.config (replicas, CPUs, GPUs, batch sizes, the cluster,
+    where a draft model runs, dataset.limit), so a resumed run may change them.
+    """
+    resources = resource_keys(new)
     before, after = flatten(old), flatten(new)
     changed = []
     for key in sorted(set(before) | set(after)):
-        if any(key == r or key.startswith(r + ".") for r in _RESOURCE_KEYS):
+        if any(key == r or key.startswith(r + ".") for r in resources):
             continue
         if before.get(key) != after.get(key):
             changed.append(f"{key}: {before.get(key)!r} -> {after.get(key)!r}")

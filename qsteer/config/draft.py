@@ -36,7 +36,7 @@ _ModelDraft: Any = DRAFT_CONFIGS["model"]
 
 @dataclass(frozen=_ModelDraft.__dataclass_params__.frozen)
 class ModelDraftGroup(_ModelDraft):
-    """`draft=model`: another causal LM with the policy's tokenizer drafts, the policy verifies."""
+    """Another causal LM with the policy's tokenizer drafts, the policy verifies."""
 
     colocate: bool = resource(True)
     """true: the draft model is loaded inside each policy actor; false: it runs in its own actors (`actor`)."""

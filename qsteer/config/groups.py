@@ -31,7 +31,7 @@ class Resources(Config):
 
 @dataclass(frozen=True)
 class ModelConfig(Resources):
-    """`model=`: the policy, the model that generates."""
+    """The policy: the model that generates, in its own actors."""
 
     name: str = "smollm2-135m-instruct"
     """A label for the model in reports."""
@@ -58,7 +58,7 @@ class ModelConfig(Resources):
 
 @dataclass(frozen=True)
 class RewardConfig(Resources):
-    """`reward=`: what scores a completion; runs in its own actors."""
+    """What scores a completion; it runs in its own actors."""
 
     name: Literal["sentiment", "code_tests", "judge", "callable"] = "sentiment"
     """`sentiment`: VADER compound score in [-1, 1]; `code_tests`: 1.0 if the completion passes the
@@ -91,7 +91,7 @@ class RewardConfig(Resources):
 
 @dataclass(frozen=True)
 class DatasetConfig(Config):
-    """`dataset=`: the prompts, as records with `id` and `prompt` (or chat `messages`) plus task fields."""
+    """The prompts: records with `id` and `prompt` (or chat `messages`) plus task fields."""
 
     name: Literal["sentiment", "humaneval", "jsonl"] = "sentiment"
     """`sentiment`: 72 neutral openings of reviews, stories and letters shipped with qsteer;
@@ -108,7 +108,7 @@ class DatasetConfig(Config):
 
 @dataclass(frozen=True)
 class ClusterConfig(Config):
-    """`cluster=`: the Ray cluster the job runs on."""
+    """The Ray cluster the job runs on."""
 
     address: str | None = None
     """null: start a local Ray; `auto`: join the running cluster; or `ray://host:port`."""
@@ -122,7 +122,7 @@ class ClusterConfig(Config):
 
 @dataclass(frozen=True)
 class GenerationConfig(Config):
-    """`generation=`: how the policy samples, the same for every workflow."""
+    """How the policy samples, the same for every workflow."""
 
     max_new_tokens: Annotated[int, Range(1)] = 48
     """Tokens generated per completion at most."""

@@ -38,9 +38,9 @@ class JobConfig(Config):
     """One run: a workflow over a dataset, with the roles it needs and how they generate."""
 
     workflow: WorkflowConfig = field(default_factory=BestOfNConfig)
-    """The method run over the prompts; choose it with `workflow=NAME`."""
+    """The method run over the prompts."""
     model: ModelConfig = field(default_factory=ModelConfig)
-    """The policy model."""
+    """The policy: the model that generates."""
     draft: Any = field(default_factory=DRAFT_GROUPS["lookup"])
     """How the policy drafts when decoding speculatively (workflow=speculative or generation.speculative)."""
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -50,7 +50,7 @@ class JobConfig(Config):
     cluster: ClusterConfig = resource(default_factory=ClusterConfig)
     """The Ray cluster."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
-    """Sampling settings of the policy."""
+    """How the policy samples."""
     seed: Annotated[int, Range(0)] = 0
     """Same seed, same config, same outputs: every (prompt, sample) has its own random stream."""
     batch_size: Annotated[int, Range(1)] = resource(16)
