@@ -12,10 +12,12 @@ YAML against the dataclass, and the README's table against `markdown()`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 import textwrap
 from collections.abc import Iterator
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,11 @@ def default_option(group: str) -> str:
 
 def composed(*overrides: str) -> dict[str, Any]:
     """The packaged config composed with `overrides`, as a plain dict (unset values as '???')."""
+    return copy.deepcopy(_composed(overrides))
+
+
+@cache
+def _composed(overrides: tuple[str, ...]) -> dict[str, Any]:
     from hydra import compose, initialize_config_module
 
     with initialize_config_module("qsteer.conf", version_base="1.3"):
@@ -88,6 +95,7 @@ def keys(cls: type, node: dict[str, Any], path: str, skip: tuple[str, ...] = ())
             continue
         value, tp = node[f.name], hints[f.name]
         if isinstance(value, dict) and dataclasses.is_dataclass(tp):
+            yield Key(join(path, f.name), "the keys below", "", docs[f.name])
             yield from keys(tp, value, join(path, f.name))
             continue
         yield Key(join(path, f.name), type_name(tp), show(value), docs[f.name])
@@ -121,7 +129,7 @@ def _wrap(text: str, indent: int) -> str:
 
 
 def _key_lines(key: Key) -> str:
-    head = f"  {key.name}: {key.type} = {key.default}"
+    head = f"  {key.name}: {key.type}" + (f" = {key.default}" if key.default else "")
     return f"{head}\n{_wrap(key.doc, 6)}" if key.doc else head
 
 
@@ -180,7 +188,8 @@ def markdown() -> str:
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
 
     def add(found: list[Key]) -> None:
-        rows.extend(f"| `{k.name}` | {_cell(k.type)} | `{_cell(k.default)}` | {_cell(k.doc)} |" for k in found)
+        rows.extend(f"| `{k.name}` | {_cell(k.type)} | {f'`{_cell(k.default)}`' if k.default else ''} | {_cell(k.doc)} |"
+                    for k in found)
 
     for group in GROUPS:
         if group in ("workflow", "draft"):
