@@ -186,7 +186,7 @@ def _wrong(value: Any, tp: Any, key: str) -> Invalid:
 
 
 def describe(tp: Any) -> str:
-    """A type in words, for error messages: `an integer >= 1`, `'auto' or a number in [0, 1024]`."""
+    """A type in words, for error messages: "an integer >= 1", "a number in [0, 1024] or `auto`"."""
     bare, constraints = _split(tp)
     extra = "".join(f" {c.describe()}" for c in constraints if not isinstance(c, NonEmpty))
     origin, args = typing.get_origin(bare), typing.get_args(bare)
