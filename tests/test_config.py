@@ -33,9 +33,9 @@ from qsteer.config import (
     resource_keys,
     speculative_config,
 )
-from qsteer.config.base import build, class_doc, defaults, field_docs, type_hints
+from qsteer.config.base import build, defaults, field_docs, type_hints
 from qsteer.config.draft import DraftActorConfig, ModelDraftGroup
-from qsteer.config.help import composed, help_text, markdown, options, print_help, readme_table
+from qsteer.config.help import composed, help_text, markdown, option_doc, options, print_help, readme_table
 from qsteer.config.job import CONF_DIR, group_class
 from qsteer.results import config_changes
 
@@ -113,7 +113,7 @@ def test_every_field_and_class_is_documented():
     if not SHARED_DRAFT_CLASS:
         classes += DRAFT_GROUPS.values()
     for cls in classes:
-        assert class_doc(cls), cls.__name__
+        assert option_doc(cls), cls.__name__
         for name, doc in field_docs(cls).items():
             assert doc, f"{cls.__name__}.{name} has no docstring"
     own = field_docs(ModelDraftGroup)

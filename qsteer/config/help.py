@@ -112,6 +112,12 @@ def top_level_keys() -> list[Key]:
     return list(keys(JobConfig, composed(), "", skip=GROUPS))
 
 
+def option_doc(cls: type) -> str:
+    """What an option is: its class's docstring, else the doc of its selector field (`name`, `kind`)."""
+    docs = field_docs(cls)
+    return class_doc(cls) or docs.get("kind") or docs.get("name") or ""
+
+
 def _parse(arg: str) -> tuple[str, str | None]:
     group, _, option = arg.partition("=")
     group = group.removeprefix("+")
@@ -136,8 +142,8 @@ def _key_lines(key: Key) -> str:
 def _option_text(group: str, option: str) -> str:
     cls, found = option_keys(group, option)
     lines = [f"{group}={option}" + (f"  ({cls.__name__})" if cls else "")]
-    if class_doc(cls):
-        lines.append(_wrap(class_doc(cls), 2))
+    if option_doc(cls):
+        lines.append(_wrap(option_doc(cls), 2))
     lines += [_key_lines(k) for k in found]
     return "\n".join(lines)
 
@@ -196,12 +202,12 @@ def markdown() -> str:
             for option in options(group):
                 cls, found = option_keys(group, option)
                 default = " (default)" if option == default_option(group) else ""
-                rows.append(f"| **`{group}={option}`**{default} | | | {_cell(class_doc(cls))} |")
+                rows.append(f"| **`{group}={option}`**{default} | | | {_cell(option_doc(cls))} |")
                 add(found)
         else:
             cls, found = option_keys(group, default_option(group))
             choices = ", ".join(f"`{o}`" for o in options(group))
-            rows.append(f"| **`{group}=`** {choices} | | | {_cell(class_doc(cls))} |")
+            rows.append(f"| **`{group}=`** {choices} | | | {_cell(option_doc(cls))} |")
             add(found)
     rows.append("| **top level** | | | |")
     add(top_level_keys())
