@@ -84,7 +84,7 @@ def main() -> None:
     if {"--help", "-h"} & set(sys.argv[1:]):  # before Hydra: the help comes from the config dataclasses
         from qsteer.config.help import print_help
 
-        sys.exit(print_help([a for a in sys.argv[1:] if a not in ("--help", "-h")]))
+        sys.exit(print_help([a for a in sys.argv[1:] if not a.startswith("-")]))
     # `python -m` puts the working directory on sys.path, the `qsteer` script does not: a reward
     # module next to the user (reward.target=my_reward:fn) imports either way (local Ray workers
     # get the driver's sys.path). Last, so it shadows nothing.
