@@ -12,7 +12,6 @@ from qsteer.config.groups import (
     DatasetConfig,
     GenerationConfig,
     ModelConfig,
-    Resources,
     RewardConfig,
 )
 from qsteer.config.job import (
@@ -24,6 +23,7 @@ from qsteer.config.job import (
     resource_keys,
     speculative_config,
 )
+from qsteer.config.resources import Resources
 from qsteer.config.workflows import WORKFLOW_CONFIGS, WorkflowConfig
 
 __all__ = [

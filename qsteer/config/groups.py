@@ -2,7 +2,7 @@
 
 One dataclass per group; its defaults are the group's default option. The roles' shared
 resource keys (`Resources`) are inherited here and, in the YAML, through `defaults:` from
-`conf/_shared/resources.yaml`.
+`conf/_shared/resources.yaml`. The `draft=` group is in `draft.py`, the workflows in `workflows.py`.
 """
 
 from __future__ import annotations
@@ -11,22 +11,10 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from qsteer.config.base import Config, Invalid, NonEmpty, Range, resource
+from qsteer.config.draft import DRAFT_CONFIGS
+from qsteer.config.resources import Resources
 
-DraftKind = Literal["lookup", "recycle", "layerskip", "model"]
-
-
-@dataclass(frozen=True)
-class Resources(Config):
-    """What one role's actors get from Ray; shared by the policy, the reward and the draft actors."""
-
-    replicas: Annotated[int, Range(1)] = resource(1)
-    """Actors of this role; calls are spread over them."""
-    num_cpus: Annotated[float, Range(0)] = resource(1)
-    """CPUs Ray reserves per actor."""
-    num_gpus: Annotated[float, Range(0, 1024)] | Literal["auto"] = resource("auto")
-    """GPUs Ray reserves per actor; `auto`: 1 when the cluster has GPUs, else 0."""
-    max_restarts: Annotated[int, Range(-1)] = resource(2)
-    """Times Ray restarts a dead actor (-1: always); its calls are retried, and each is idempotent."""
+DraftKind = Literal[tuple(DRAFT_CONFIGS)]  # the drafter kinds of the decoding layer
 
 
 @dataclass(frozen=True)
