@@ -8,7 +8,10 @@ from qsteer.engines.base import SamplingParams
 
 
 def samples_do_not_depend_on_batching(engine, ids: list[list[int]], keys: list[str]) -> None:
-    """Sample j of a prompt depends only on (seed, id, j): not on n, neighbours or chunking."""
+    """Sample j of a prompt depends only on (seed, id, j): not on n, neighbours or chunking.
+
+    In float32 a batch's shape moves the hf engine's numbers in the last bits (qsteer.decoding.plain),
+    so on an ill-conditioned model (the tiny random one) run this in float64."""
     assert len(ids) == 4
     params = SamplingParams(n=4, max_new_tokens=16, seed=7)
     together = engine.generate(ids, params, keys)
@@ -28,13 +31,14 @@ def samples_do_not_depend_on_batching(engine, ids: list[list[int]], keys: list[s
     assert len({tuple(t) for t in tokens(together)[0]}) > 1  # n samples are distinct draws
 
 
-def stop_strings_cut_the_text(engine) -> None:
+def stop_strings_cut_the_text(engine, stop: str = ".") -> None:
     ids = engine.encode(["Write three sentences about rain."])
     free = engine.generate(ids, SamplingParams(n=4, max_new_tokens=40, seed=3))[0]
-    stopped = engine.generate(ids, SamplingParams(n=4, max_new_tokens=40, seed=3, stop=["."]))[0]
+    stopped = engine.generate(ids, SamplingParams(n=4, max_new_tokens=40, seed=3, stop=[stop]))[0]
+    assert any(stop in a.text for a in free), f"no free sample contains {stop!r}: the check would be empty"
     for a, b in zip(free, stopped, strict=True):
-        assert "." not in b.text
-        if "." in a.text:
+        assert stop not in b.text
+        if stop in a.text:
             assert b.finish_reason == "stop"
             assert a.text.startswith(b.text)
             assert a.token_ids[: len(b.token_ids)] == b.token_ids

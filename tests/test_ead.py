@@ -1,4 +1,5 @@
-"""Entropy Adaptive Decoding (lossy): its entropy, its switch rule, and its two limits (all small, all large)."""
+"""Entropy Adaptive Decoding (lossy): its entropy, its switch rule, and its two limits (all small, all large),
+on the tiny model."""
 
 from __future__ import annotations
 
@@ -7,22 +8,24 @@ import math
 import pytest
 import torch
 
+from qsteer.decoding import ead
+from qsteer.decoding.drafters.layerskip import skipping
+from qsteer.decoding.ead import EADConfig
 from qsteer.engines.base import SamplingParams
-from qsteer.speculative import SpeculativeConfig, build_drafter, ead, layerskip
 
 PROMPTS = ["Write one sentence about the sea.", "List three colours."]
 NEW = 16
 
 
 def ead_params(tau: float, **draft) -> SamplingParams:
-    spec = {"kind": "layerskip", "mode": "ead", "entropy_threshold": tau, **draft}
+    spec = {"kind": "ead", "entropy_threshold": tau, **draft}
     return SamplingParams(max_new_tokens=NEW, temperature=0, speculative=spec)
 
 
 def small_greedy(engine, prompt: list[int], skip, steps: int) -> list[int]:
     """The skipped model's greedy tokens, from full forwards of the growing sequence (no cache)."""
     seq = list(prompt)
-    with torch.inference_mode(), layerskip.skipping(engine.model, skip):
+    with torch.inference_mode(), skipping(engine.model, skip):
         for _ in range(steps):
             token = int(engine.model(input_ids=torch.tensor([seq]), logits_to_keep=1).logits[0, -1].argmax())
             seq.append(token)
@@ -42,29 +45,31 @@ def test_entropy_in_bits():
 
 
 def test_switch_rule_window_and_dwell():
-    cfg = SpeculativeConfig(kind="layerskip", mode="ead", entropy_threshold=2.0, entropy_window=3, min_dwell=2)
+    cfg = EADConfig(entropy_threshold=2.0, entropy_window=3, min_dwell=2)
     assert ead.next_model("small", 2, [9.0, 0.0, 0.0, 3.0], cfg) == "small"  # mean of the last 3 is 1
     assert ead.next_model("small", 2, [0.0, 3.0, 3.5], cfg) == "large"
     assert ead.next_model("small", 1, [0.0, 3.0, 3.5], cfg) == "small"  # still dwelling
     assert ead.next_model("large", 1, [0.0], cfg) == "large"
     assert ead.next_model("large", 2, [2.0], cfg) == "small"  # exactly tau is not above it
-    assert ead.next_model("small", 0, [5.0], SpeculativeConfig(kind="layerskip", mode="ead", min_dwell=0)) == "large"
+    assert ead.next_model("small", 0, [5.0], EADConfig(min_dwell=0)) == "large"
 
 
-def test_infinite_threshold_is_the_small_model(engine):
+def test_infinite_threshold_is_the_small_model(tiny_engine):
+    engine = tiny_engine
     ids = engine.encode(PROMPTS)
     params = ead_params(float("inf"))
-    skip = build_drafter(SpeculativeConfig.from_dict(params.speculative), engine).skip
+    skip = ead.small_model(EADConfig(**params.speculative), engine.lm).skip
     for prompt, (c,) in zip(ids, engine.generate(ids, params), strict=True):
         assert c.token_ids == small_greedy(engine, prompt, skip, NEW)
         assert c.spec["lossy"] and c.spec["large_fraction"] == 0 and c.spec["switches"] == 0
         assert c.spec["small_tokens"] == len(c.token_ids) and c.spec["small_prefill_tokens"] == len(prompt)
 
 
-def test_minus_infinite_threshold_is_the_large_model_after_the_first_token(engine):
+def test_minus_infinite_threshold_is_the_large_model_after_the_first_token(tiny_engine):
+    engine = tiny_engine
     ids = engine.encode(PROMPTS)
     params = ead_params(float("-inf"), min_dwell=0)
-    skip = build_drafter(SpeculativeConfig.from_dict(params.speculative), engine).skip
+    skip = ead.small_model(EADConfig(**params.speculative), engine.lm).skip
     for prompt, (c,) in zip(ids, engine.generate(ids, params), strict=True):
         first = small_greedy(engine, prompt, skip, 1)
         (large,) = engine.generate([prompt + first], SamplingParams(max_new_tokens=NEW - 1, temperature=0))[0]
@@ -74,7 +79,8 @@ def test_minus_infinite_threshold_is_the_large_model_after_the_first_token(engin
         assert c.spec["switch_prefill_tokens"] == c.spec["large_prefill_tokens"] == len(prompt) + 1
 
 
-def test_large_fraction_grows_as_the_threshold_falls(engine):
+def test_large_fraction_grows_as_the_threshold_falls(tiny_engine):
+    engine = tiny_engine
     ids = engine.encode(PROMPTS)
     fractions = [[c.spec["large_fraction"] for (c,) in engine.generate(ids, ead_params(tau))] for tau in (7.0, 5.0, 3.0)]
     print("large fractions at tau 7, 5, 3 bits:", fractions)
@@ -83,10 +89,11 @@ def test_large_fraction_grows_as_the_threshold_falls(engine):
     assert fractions[0] != fractions[-1]  # the thresholds actually change which model decodes
 
 
-def test_sampled_rows_are_reproducible_and_counted(engine):
+def test_sampled_rows_are_reproducible_and_counted(tiny_engine):
+    engine = tiny_engine
     ids = engine.encode(PROMPTS[:1])
     params = SamplingParams(max_new_tokens=NEW, temperature=1.0, seed=3,
-                            speculative={"kind": "layerskip", "mode": "ead", "entropy_threshold": 5.0})
+                            speculative={"kind": "ead", "entropy_threshold": 5.0})
     (c,), (again,) = engine.generate(ids, params)[0], engine.generate(ids, params)[0]
     assert c.token_ids == again.token_ids and c.spec == again.spec
     assert c.spec["small_tokens"] + c.spec["large_tokens"] == len(c.token_ids) == len(c.logprobs)

@@ -1,4 +1,4 @@
-"""The hf engine against transformers itself, on the real default model."""
+"""The hf engine against transformers itself: mechanisms on the tiny model, a few checks on the real one."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import pytest
 import torch
 from scipy import stats
 
+from qsteer.decoding import plain
 from qsteer.engines.base import SamplingParams, sample_seed
-from qsteer.engines.hf import filter_logits
+from qsteer.lm.cache import PreallocatedLayer
+from qsteer.lm.sampling import filter_logits
 
 PROMPTS = [
     "Write one sentence about the sea.",
@@ -21,22 +23,38 @@ PROMPTS = [
 ]
 
 
-def test_greedy_matches_transformers_generate(engine, reference_model):
+@pytest.fixture(scope="session")
+def tiny_engine64(tiny_path):
+    """The tiny model in float64: batching checks see the loop's logic, not float32's last bits."""
+    from qsteer.engines import build_engine
+
+    return build_engine("hf", path=tiny_path, dtype="float64", max_batch_rows=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tiny_path):
+    """The tiny model through transformers' own eager attention: an independent reference."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_path, attn_implementation="eager").eval()
+
+
+def greedy_matches_transformers_generate(engine, reference, new_tokens: int = 24) -> None:
     ids = engine.encode(PROMPTS)
-    ours = engine.generate(ids, SamplingParams(max_new_tokens=24, temperature=0))
+    ours = engine.generate(ids, SamplingParams(max_new_tokens=new_tokens, temperature=0))
     for prompt_ids, (completion,) in zip(ids, ours, strict=True):
-        ref = reference_model.generate(
+        ref = reference.generate(
             torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-            max_new_tokens=24, do_sample=False,
+            max_new_tokens=new_tokens, do_sample=False, eos_token_id=engine.eos_token_ids, pad_token_id=engine.pad_id,
         )[0, len(prompt_ids):].tolist()
         assert completion.token_ids == ref[: len(completion.token_ids)]
         if completion.finish_reason == "length":
-            assert len(completion.token_ids) == 24
+            assert len(completion.token_ids) == new_tokens
         else:
             assert completion.token_ids[-1] in engine.eos_token_ids
 
 
-def test_score_equals_transformers_logprobs(engine, reference_model):
+def score_equals_transformers_logprobs(engine, reference) -> None:
     ids = engine.encode(PROMPTS)
     continuations = [engine.tokenizer(t, add_special_tokens=False)["input_ids"]
                      for t in ["The sea is calm.", "clean and quiet", "4", "Red, green and blue. Done"]]
@@ -44,43 +62,104 @@ def test_score_equals_transformers_logprobs(engine, reference_model):
     for prompt_ids, cont, got in zip(ids, continuations, ours, strict=True):
         full = torch.tensor([prompt_ids + cont])
         with torch.no_grad():
-            logp = torch.log_softmax(reference_model(full).logits[0].float(), -1)
+            logp = torch.log_softmax(reference(full).logits[0].float(), -1)
         want = [logp[len(prompt_ids) - 1 + t, tok].item() for t, tok in enumerate(cont)]
         assert len(got) == len(cont)
         assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < 1e-4
 
 
-def test_generated_logprobs_are_the_scored_logprobs(engine):
-    ids = engine.encode(PROMPTS[:2])
-    out = engine.generate(ids, SamplingParams(n=2, max_new_tokens=12, seed=1), keys=["a", "b"])
+def test_greedy_matches_transformers_generate(tiny_engine, tiny_reference):
+    greedy_matches_transformers_generate(tiny_engine, tiny_reference)
+
+
+@pytest.mark.model
+def test_greedy_matches_transformers_generate_on_the_real_model(engine, reference_model):
+    greedy_matches_transformers_generate(engine, reference_model)
+
+
+def test_score_equals_transformers_logprobs(tiny_engine, tiny_reference):
+    score_equals_transformers_logprobs(tiny_engine, tiny_reference)
+
+
+@pytest.mark.model
+def test_score_equals_transformers_logprobs_on_the_real_model(engine, reference_model):
+    score_equals_transformers_logprobs(engine, reference_model)
+
+
+def test_generated_logprobs_are_the_scored_logprobs(tiny_engine):
+    ids = tiny_engine.encode(PROMPTS[:2])
+    out = tiny_engine.generate(ids, SamplingParams(n=2, max_new_tokens=12, seed=1), keys=["a", "b"])
     for prompt_ids, completions in zip(ids, out, strict=True):
         for c in completions:
-            scored = engine.score([prompt_ids], [c.token_ids])[0]
+            scored = tiny_engine.score([prompt_ids], [c.token_ids])[0]
             assert max(abs(a - b) for a, b in zip(scored, c.logprobs, strict=True)) < 1e-4
 
 
-def test_topk_next_is_the_top_of_the_distribution(engine, reference_model):
-    ids = engine.encode(PROMPTS[:2])
-    top = engine.topk_next(ids, 5)
+def test_topk_next_is_the_top_of_the_distribution(tiny_engine, tiny_reference):
+    ids = tiny_engine.encode(PROMPTS[:2])
+    top = tiny_engine.topk_next(ids, 5)
     for prompt_ids, items in zip(ids, top, strict=True):
         with torch.no_grad():
-            logp = torch.log_softmax(reference_model(torch.tensor([prompt_ids])).logits[0, -1].float(), -1)
+            logp = torch.log_softmax(tiny_reference(torch.tensor([prompt_ids])).logits[0, -1].float(), -1)
         values, indices = logp.topk(5)
         assert [t for t, _ in items] == indices.tolist()
         assert all(abs(a - b) < 1e-4 for (_, a), b in zip(items, values.tolist(), strict=True))
 
 
-def test_samples_do_not_depend_on_batching(engine):
+def test_samples_do_not_depend_on_batching(tiny_engine64):
+    engine_checks.samples_do_not_depend_on_batching(tiny_engine64, tiny_engine64.encode(PROMPTS), ["p0", "p1", "p2", "p3"])
+
+
+@pytest.mark.model
+def test_samples_do_not_depend_on_batching_on_the_real_model(engine):
     engine_checks.samples_do_not_depend_on_batching(engine, engine.encode(PROMPTS), ["p0", "p1", "p2", "p3"])
 
 
-def test_first_token_follows_the_model_distribution(engine, reference_model):
+def test_continuous_batching_gives_the_tokens_of_one_big_batch(tiny_engine64, monkeypatch):
+    """Rows streaming through 2 slots (freed slots refilled, a long prompt arriving late, the cache
+    compacted when full) decode the same tokens as all rows in one batch, and as fixed chunks."""
+    short = tiny_engine64.encode(PROMPTS[:3], chat=False)
+    long_prompt = tiny_engine64.encode([" ".join(PROMPTS * 3)], chat=False)[0]
+    ids, keys = [short[0], long_prompt, *short[1:]], ["s0", "long", "s1", "s2"]
+    params = SamplingParams(n=3, max_new_tokens=10, seed=4, stop=["a"])
+    calls = {"compact": 0, "shift": 0}
+    real_compact, real_shift = plain.compact, PreallocatedLayer.shift
+
+    def counted_compact(*args):
+        calls["compact"] += 1
+        return real_compact(*args)
+
+    def counted_shift(self, columns):
+        calls["shift"] += 1
+        return real_shift(self, columns)
+
+    tokens = lambda out: [[c.token_ids for c in r] for r in out]  # noqa: E731
+    texts = lambda out: [[(c.text, c.finish_reason, c.logprobs) for c in r] for r in out]  # noqa: E731
+    one_batch = tiny_engine64.generate(ids, params, keys)
+    rows = tiny_engine64.max_batch_rows
+    monkeypatch.setattr(plain, "SLACK_COLUMNS", 1)
+    monkeypatch.setattr(plain, "compact", counted_compact)
+    monkeypatch.setattr(PreallocatedLayer, "shift", counted_shift)
+    try:
+        tiny_engine64.max_batch_rows = 2
+        streamed = tiny_engine64.generate(ids, params, keys)
+        tiny_engine64.continuous_batching = False
+        chunked = tiny_engine64.generate(ids, params, keys)
+    finally:
+        tiny_engine64.max_batch_rows, tiny_engine64.continuous_batching = rows, True
+    assert tokens(streamed) == tokens(one_batch) == tokens(chunked)
+    assert [[(t, f) for t, f, _ in r] for r in texts(streamed)] == [[(t, f) for t, f, _ in r] for r in texts(one_batch)]
+    assert any(c.finish_reason == "stop" for r in one_batch for c in r)  # rows did finish early and free slots
+    assert calls["compact"] > 0 and calls["shift"] > 0  # both cache paths ran
+
+
+def test_first_token_follows_the_model_distribution(tiny_engine, tiny_reference):
     """Inverse-CDF sampling with per-row streams draws from softmax(logits / T): chi-square test."""
-    ids = engine.encode(["Name an animal."])
+    ids = tiny_engine.encode(["Name an animal."])
     temperature = 1.3
-    out = engine.generate(ids, SamplingParams(n=3000, max_new_tokens=1, temperature=temperature, seed=0))
+    out = tiny_engine.generate(ids, SamplingParams(n=3000, max_new_tokens=1, temperature=temperature, seed=0))
     with torch.no_grad():
-        logits = reference_model(torch.tensor(ids)).logits[0, -1].float()
+        logits = tiny_reference(torch.tensor(ids)).logits[0, -1].float()
     probs = torch.softmax(logits / temperature, -1)
     counts: dict[int, int] = {}
     for c in out[0]:
@@ -103,12 +182,17 @@ def test_filters_keep_the_right_sets():
     assert torch.allclose(scaled[0], expected / expected.sum(), atol=1e-6)
 
 
-def test_stop_strings_cut_the_text(engine):
+def test_stop_strings_cut_the_text(tiny_engine):
+    engine_checks.stop_strings_cut_the_text(tiny_engine, stop="a")
+
+
+@pytest.mark.model
+def test_stop_strings_cut_the_text_on_the_real_model(engine):
     engine_checks.stop_strings_cut_the_text(engine)
 
 
-def test_too_long_prompt_is_refused_by_name(engine):
-    engine_checks.too_long_prompt_is_refused_by_name(engine)
+def test_too_long_prompt_is_refused_by_name(tiny_engine):
+    engine_checks.too_long_prompt_is_refused_by_name(tiny_engine)
 
 
 def test_sample_seed_is_stable():

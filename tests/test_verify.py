@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from qsteer.speculative.verify import children_of, kseq_acceptance, kseq_rho, verify_tree
+from qsteer.decoding.speculative import children_of, kseq_acceptance, kseq_rho, verify_tree
 
 P = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)
 Q = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)

@@ -12,11 +12,11 @@ from types import SimpleNamespace
 
 import pytest
 
+from qsteer.decoding.drafters.lookup import LookupConfig
 from qsteer.engines.base import SamplingParams
 from qsteer.engines.vllm import CPU_SPEC_SAMPLING, VLLMEngine, vllm_speculative_config
 from qsteer.metrics.speculative import rates, sum_spec
 from qsteer.models import resolve_model_path
-from qsteer.speculative import SpeculativeConfig
 
 POLICY = "/models/policy"
 LOOKUP = {"kind": "lookup", "gamma": 3, "max_ngram": 3}
@@ -28,7 +28,7 @@ VLLM_MISSING = "vLLM is not installed (make setup installs it where it can): pip
 def test_lookup_is_vllm_ngram():
     assert vllm_speculative_config({"kind": "lookup", "gamma": 4, "max_ngram": 2}, POLICY) == {
         "method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 2, "prompt_lookup_min": 1}
-    assert vllm_speculative_config(SpeculativeConfig(**LOOKUP), POLICY) == NGRAM
+    assert vllm_speculative_config(LookupConfig(**LOOKUP), POLICY) == NGRAM
 
 
 def test_model_is_vllm_draft_model():
@@ -56,7 +56,7 @@ def test_extra_overrides_and_selects_other_methods():
     ({"kind": "layerskip"}, "draft.kind=layerskip"),
     ({"kind": "model", "num_drafts": 2}, "draft.num_drafts=2"),
     ({"kind": "model", "adaptive": True}, "draft.adaptive=True"),
-    ({"kind": "model", "mode": "ead"}, "draft.mode=ead"),
+    ({"kind": "ead"}, "draft.kind=ead"),
 ])
 def test_drafts_without_a_vllm_method_are_refused(draft, key):
     with pytest.raises(ValueError, match=key) as err:

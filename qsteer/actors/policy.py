@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from qsteer.actors.draft import RemoteDrafter, remote_drafter
+from qsteer.decoding import draft_config
 from qsteer.engines import Completion, Engine, SamplingParams, build_engine
 
 
@@ -16,6 +18,8 @@ class Policy:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.calls = 0
+        self.draft_actor = None
+        self.remote_drafters: dict[tuple, RemoteDrafter | None] = {}  # per draft config: its session's drafter
 
     def info(self) -> dict[str, Any]:
         return {
@@ -26,8 +30,10 @@ class Policy:
         }
 
     def attach_draft(self, draft_actor) -> None:
-        """A DraftActor handle for drafts that are not colocated (draft.colocate=false)."""
-        self.engine.draft_actor = draft_actor
+        """A DraftActor handle for model drafts that are not colocated (draft.colocate=false): generate
+        hands a RemoteDrafter over it down to the engine."""
+        self.draft_actor = draft_actor
+        self.remote_drafters.clear()
 
     def encode(self, prompts: list[str | list[dict]], chat: bool = True) -> list[list[int]]:
         return self.engine.encode(prompts, chat=chat)
@@ -36,7 +42,18 @@ class Policy:
         self, prompt_ids: list[list[int]], params: SamplingParams, keys: list[str]
     ) -> list[list[Completion]]:
         self.calls += 1
+        drafter = self._remote_drafter(params)
+        if drafter is not None:
+            return self.engine.generate(prompt_ids, params, keys, drafter=drafter)
         return self.engine.generate(prompt_ids, params, keys)
+
+    def _remote_drafter(self, params: SamplingParams) -> RemoteDrafter | None:
+        if self.draft_actor is None or not params.speculative:
+            return None
+        key = draft_config(params.speculative).key()
+        if key not in self.remote_drafters:
+            self.remote_drafters[key] = remote_drafter(self.draft_actor, params.speculative, self.engine.tokenizer)
+        return self.remote_drafters[key]
 
     def score(self, prompt_ids: list[list[int]], continuation_ids: list[list[int]]) -> list[list[float]]:
         self.calls += 1

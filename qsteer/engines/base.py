@@ -2,37 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass, field
 from typing import Protocol
 
+from qsteer.lm.params import SamplingParams, sample_seed
+from qsteer.lm.stop import Completion, eos_ids
 
-@dataclass
-class SamplingParams:
-    n: int = 1
-    max_new_tokens: int = 64
-    temperature: float = 1.0  # 0 means greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 means no top-k filter
-    stop: list[str] = field(default_factory=list)
-    seed: int = 0
-    speculative: dict | None = None  # a draft config (qsteer.speculative.SpeculativeConfig fields): decode with it
-
-
-@dataclass
-class Completion:
-    token_ids: list[int]
-    text: str
-    # log-probability of each generated token under the model at temperature 1 (as `score` gives)
-    logprobs: list[float]
-    finish_reason: str  # "stop" (EOS or a stop string) or "length"
-    spec: dict | None = None  # speculative decoding counts (rounds, drafted, accepted, ...) when used
-
-
-def sample_seed(seed: int, key: str, index: int) -> int:
-    """The random stream of sample `index` of prompt `key`: independent of batching and order."""
-    digest = hashlib.blake2b(f"{seed}\x1f{key}\x1f{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+__all__ = ["Completion", "Engine", "SamplingParams", "check_prompts", "encode_prompts", "eos_ids", "sample_seed"]
 
 
 def encode_prompts(
@@ -50,13 +25,6 @@ def encode_prompts(
                 prompt = "\n".join(m["content"] for m in prompt)
             out.append(tokenizer(prompt)["input_ids"])
     return out
-
-
-def eos_ids(tokenizer_eos: int | None, generation_eos: int | list[int] | None) -> list[int]:
-    """The tokens that end a completion: the tokenizer's EOS and the generation config's."""
-    if not isinstance(generation_eos, (list, tuple)):
-        generation_eos = [generation_eos]
-    return sorted({t for t in (tokenizer_eos, *generation_eos) if t is not None})
 
 
 def check_prompts(prompt_ids: list[list[int]], keys: list[str], context_length: int) -> None:

@@ -63,31 +63,32 @@ CPU_SPEC_SAMPLING = (
 
 
 def vllm_speculative_config(cfg: Any, policy_path: str) -> dict[str, Any]:
-    """A draft config (`SpeculativeConfig` or its dict) as vLLM's `speculative_config`.
+    """A draft config (a `qsteer.decoding.DRAFT_CONFIGS` dataclass or its dict) as vLLM's `speculative_config`.
 
     lookup is vLLM's ngram (prompt lookup), model its draft_model (`path: null` drafts with the
     policy itself); `extra` then overrides key by key, so any other vLLM method (EAGLE, MTP, ...)
     is `extra: {method: ..., model: ...}`. Draft settings vLLM has no counterpart for are refused
     rather than silently dropped, unless `extra.method` says which vLLM method to run instead.
     """
-    from qsteer.speculative.config import SpeculativeConfig
+    from qsteer.decoding import draft_config
+    from qsteer.decoding.drafters.chains import ChainConfig
+    from qsteer.decoding.drafters.lookup import LookupConfig
 
-    cfg = SpeculativeConfig.from_dict(cfg)
+    cfg = draft_config(cfg)
     extra = dict(cfg.extra)
     method = extra.get("method")
     if method is None:
-        unsupported = [
-            ("kind", cfg.kind, cfg.kind in ("layerskip", "recycle")),
-            ("num_drafts", cfg.num_drafts, cfg.num_drafts > 1),
-            ("adaptive", cfg.adaptive, cfg.adaptive),
-            ("mode", cfg.mode, cfg.mode == "ead"),
-        ]
+        unsupported = [("kind", cfg.kind, cfg.kind in ("layerskip", "recycle", "ead"))]
+        if isinstance(cfg, ChainConfig):
+            unsupported += [("num_drafts", cfg.num_drafts, cfg.num_drafts > 1), ("adaptive", cfg.adaptive, cfg.adaptive)]
         for key, value, bad in unsupported:
             if bad:
                 raise ValueError(
                     f"draft.{key}={value} has no vLLM speculative method; use model.engine=hf or draft.extra.method"
                 )
-    out: dict[str, Any] = {"num_speculative_tokens": cfg.gamma}
+    # recycle and ead have no draft length: extra (num_speculative_tokens) sets it for their vLLM method
+    drafts_chains = isinstance(cfg, (LookupConfig, ChainConfig))
+    out: dict[str, Any] = {"num_speculative_tokens": cfg.gamma} if drafts_chains else {}
     if cfg.kind == "lookup" and method in (None, "ngram"):
         out.update(method="ngram", prompt_lookup_max=cfg.max_ngram, prompt_lookup_min=1)
     elif cfg.kind == "model" and (method in (None, "draft_model") or cfg.path is not None):

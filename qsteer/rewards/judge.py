@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from qsteer.engines.hf import HFEngine
+from qsteer.engines import build_engine
 
 TEMPLATE = (
     "{question}\n\n"
@@ -29,9 +29,10 @@ class JudgeReward:
         question: str = "Is this response positive, helpful and well written?",
         chat_template: bool = True,
         top_k: int = 200,
+        engine: str = "hf",
         **engine_kwargs: Any,
     ) -> None:
-        self.engine = HFEngine(path=model_path, chat_template=chat_template, **engine_kwargs)
+        self.engine = build_engine(engine, path=model_path, chat_template=chat_template, **engine_kwargs)
         self.question = question
         self.top_k = top_k
         self.yes_ids = self._single_tokens(_YES)

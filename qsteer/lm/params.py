@@ -1,0 +1,29 @@
+"""What a caller asks of a token loop (`SamplingParams`) and the seed of each row's random stream.
+
+Free of torch, so the command line and configs can use it without loading a model stack.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means no top-k filter
+    stop: list[str] = field(default_factory=list)
+    seed: int = 0
+    speculative: dict | None = None  # a draft config (the fields of a `qsteer.decoding.DRAFT_CONFIGS` class)
+
+
+def sample_seed(seed: int, key: str, index: int) -> int:
+    """The random stream of sample `index` of prompt `key`: independent of batching and order."""
+    digest = hashlib.blake2b(f"{seed}\x1f{key}\x1f{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
