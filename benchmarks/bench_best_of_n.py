@@ -6,6 +6,14 @@ Methods (same model object, fp32, same prompts, temperature 1.0, no top-k/top-p)
   a  transformers `model.generate` once per sample (batch 1) -- the naive loop; timed on a subset
   b  transformers `model.generate` once per prompt with num_return_sequences=n
 
+The gains of the plain loop's two speed features, each on its own, in the same run, with
+`--slots` batch slots (fewer than prompts x n rows, so rows wait for slots):
+  q-chunked     rows decoded in fixed chunks of `--slots` rows (the loop before continuous batching)
+  q-continuous  finished rows' slots handed to waiting rows (continuous batching)
+  q-fused       continuous batching and fused q/k/v and gate/up projections
+and a micro-benchmark of fused against separate projection matmuls at decode shapes. All
+qsteer rows must return the same tokens (checked and reported).
+
 It also measures this machine's fp32 matmul GFLOP/s and turns it into a roofline:
   roofline tokens/s = GFLOP/s / (2 * num_parameters / 1e9)
 (tied input/output embeddings are counted once). Results go to benchmarks/results/.
@@ -190,6 +198,43 @@ class CpuMeter:
         }
 
 
+def fused_matmuls(hidden: int, kv: int, inter: int, rows_list: tuple[int, ...], trials: int = 5) -> list[dict]:
+    """Separate against fused projection matmuls at decode shapes: best ms of `trials` timed blocks."""
+    linear = torch.nn.functional.linear
+    wq, wk, wv = torch.randn(hidden, hidden), torch.randn(kv, hidden), torch.randn(kv, hidden)
+    wg, wu = torch.randn(inter, hidden), torch.randn(inter, hidden)
+    wqkv, wgu = torch.cat([wq, wk, wv]), torch.cat([wg, wu])
+
+    def best_ms(fn) -> float:
+        fn()
+        iters, elapsed = 1, 0.0
+        while elapsed < 0.02:
+            iters *= 2
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            elapsed = time.perf_counter() - t0
+        times = []
+        for _ in range(trials):
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            times.append((time.perf_counter() - t0) / iters * 1e3)
+        return min(times)
+
+    out = []
+    for rows in rows_list:
+        x = torch.randn(rows, hidden)
+        qkv_sep = best_ms(lambda x=x: (linear(x, wq), linear(x, wk), linear(x, wv)))
+        qkv_fused = best_ms(lambda x=x: linear(x, wqkv))
+        gu_sep = best_ms(lambda x=x: (linear(x, wg), linear(x, wu)))
+        gu_fused = best_ms(lambda x=x: linear(x, wgu))
+        out.append({"rows": rows, "qkv_separate_ms": qkv_sep, "qkv_fused_ms": qkv_fused,
+                    "gate_up_separate_ms": gu_sep, "gate_up_fused_ms": gu_fused,
+                    "qkv_speedup": qkv_sep / qkv_fused, "gate_up_speedup": gu_sep / gu_fused})
+    return out
+
+
 def result(seconds: float, tokens: int, samples: int, **extra) -> dict:
     return {
         "seconds": seconds,
@@ -212,6 +257,8 @@ def main() -> None:
     ap.add_argument("--a-samples", type=int, default=8, help="... times this many samples each")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-ray", action="store_true")
+    ap.add_argument("--slots", type=int, default=64, help="batch slots of the continuous-batching breakdown rows")
+    ap.add_argument("--skip-breakdown", action="store_true", help="no q-chunked / q-continuous / q-fused rows")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
 
@@ -263,6 +310,8 @@ def main() -> None:
         progress.advance(task)
         matmul["decode_step"] = matmul_gflops(rows, hidden, inter)
         progress.advance(task)
+        kv = model.config.num_key_value_heads * (hidden // model.config.num_attention_heads)
+        fusion = fused_matmuls(hidden, kv, inter, tuple(sorted({1, 16, args.slots, rows})))
 
         # -- warm-ups (each method once, 4 tokens) ----------------------------------------------
         task = progress.add_task("warm-up (q, a, b)", total=3)
@@ -290,6 +339,37 @@ def main() -> None:
             **meter.stats(args.threads),
             stopped_at_eos=sum(c.finish_reason == "stop" for comps in q_out for c in comps),
         )
+
+        # -- the plain loop's speed features, each on its own ------------------------------------------
+        if not args.skip_breakdown:
+            q_token_ids = [[c.token_ids for c in comps] for comps in q_out]
+            labels = {"q-chunked": f"qsteer, {args.slots} slots, fixed chunks",
+                      "q-continuous": f"qsteer, {args.slots} slots, continuous batching",
+                      "q-fused": f"qsteer, {args.slots} slots, continuous + fused projections"}
+            with console.status("loading the model with fused projections"):
+                fused_engine = HFEngine(fuse_projections=True)
+            for key, (variant, continuous) in {"q-chunked": (engine, False), "q-continuous": (engine, True),
+                                               "q-fused": (fused_engine, True)}.items():
+                rows_before = variant.max_batch_rows
+                variant.max_batch_rows, variant.continuous_batching = args.slots, continuous
+                task = progress.add_task(f"({key}) {args.slots} slots, {args.prompts}x{args.n}", total=1)
+                try:
+                    variant.generate(ids[:warm_prompts], warm_params, keys=keys[:warm_prompts])
+                    meter = CpuMeter()
+                    with meter.timed():
+                        out = variant.generate(ids, params, keys=keys)
+                finally:
+                    variant.max_batch_rows, variant.continuous_batching = rows_before, True
+                progress.advance(task)
+                methods[key] = result(
+                    meter.seconds,
+                    sum(len(c.token_ids) for comps in out for c in comps),
+                    sum(len(c) for c in out),
+                    label=labels[key],
+                    identical_to_q=[[c.token_ids for c in comps] for comps in out] == q_token_ids,
+                    **meter.stats(args.threads),
+                )
+            del fused_engine
 
         # -- (r) the same through Ray -------------------------------------------------------------
         if not args.skip_ray:
@@ -382,6 +462,9 @@ def main() -> None:
         "q_over_a": q["tokens_per_s"] / methods["a"]["tokens_per_s"],
         "q_over_b": q["tokens_per_s"] / methods["b"]["tokens_per_s"],
     }
+    if "q-chunked" in methods:
+        ratios["continuous_over_chunked"] = methods["q-continuous"]["tokens_per_s"] / methods["q-chunked"]["tokens_per_s"]
+        ratios["fused_over_continuous"] = methods["q-fused"]["tokens_per_s"] / methods["q-continuous"]["tokens_per_s"]
     if "r" in methods:
         ratios["r_over_q"] = methods["r"]["tokens_per_s"] / q["tokens_per_s"]
         ratios["ray_overhead"] = methods["r"]["seconds"] / q["seconds"] - 1
@@ -430,11 +513,13 @@ def main() -> None:
             "dtype": "float32",
             "device": "cpu",
             "engine_max_batch_rows": engine.max_batch_rows,
+            "breakdown_slots": args.slots,
             "a_subset": f"{args.a_prompts} prompts x {args.a_samples} samples",
         },
         "machine": machine,
         "parameters": n_params,
         "matmul": matmul,
+        "fused_projections_matmuls": fusion,
         "roofline": roofline,
         "methods": methods,
         "ratios": ratios,
@@ -537,6 +622,23 @@ def markdown(report: dict, targets: list) -> str:
         f"Ratios (tokens/s): q/a = {r['q_over_a']:.2f}x, q/b = {r['q_over_b']:.2f}x"
         + (f", r/q = {r['r_over_q']:.3f} (Ray overhead {r['ray_overhead']:+.1%})" if "r_over_q" in r else "")
         + ".",
+    ]
+    if "continuous_over_chunked" in r:
+        lines += [
+            "",
+            f"Speed features of the plain loop, each on its own ({cfg['breakdown_slots']} batch slots for "
+            f"{cfg['prompts'] * cfg['n']} rows, so rows wait for slots): continuous batching "
+            f"{r['continuous_over_chunked']:.3f}x over fixed chunks; fused projections "
+            f"{r['fused_over_continuous']:.3f}x over continuous batching alone. Same tokens as (q): "
+            + ", ".join(f"{k} {report['methods'][k]['identical_to_q']}" for k in ("q-chunked", "q-continuous", "q-fused"))
+            + ".",
+        ]
+    lines += [
+        "",
+        "Fused against separate projection matmuls (best of 5, ms): "
+        + "; ".join(f"{f['rows']} rows: q/k/v {f['qkv_separate_ms']:.3f} -> {f['qkv_fused_ms']:.3f} "
+                    f"({f['qkv_speedup']:.2f}x), gate/up {f['gate_up_separate_ms']:.3f} -> {f['gate_up_fused_ms']:.3f} "
+                    f"({f['gate_up_speedup']:.2f}x)" for f in report["fused_projections_matmuls"]) + ".",
         "",
         "## Targets",
         "",

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from qsteer.decoding.drafters.base import Batch, Drafter
@@ -200,10 +201,11 @@ def kseq_rho(p_tgt: torch.Tensor, q_drf: torch.Tensor, m: int, iters: int = 60) 
     """SpecTr's rho* in [1, m]: the root of f(rho) = 1 - (1 - beta(rho))^m - rho * beta(rho)."""
     if m == 1:
         return 1.0
-    p64, q64 = p_tgt.double(), q_drf.double()
+    # numpy, not torch: sixty bisection steps of tiny vector sums are dominated by per-call overhead
+    p64, q64 = p_tgt.double().cpu().numpy(), q_drf.double().cpu().numpy()
 
     def f(rho: float) -> float:
-        beta = float(torch.minimum(q64, p64 / rho).sum())
+        beta = float(np.minimum(q64, p64 / rho).sum())
         return 1 - (1 - beta) ** m - rho * beta
 
     lo, hi = 1.0, float(m)

@@ -40,10 +40,12 @@ class HFEngine:
         chat_template: bool = True,
         trust_remote_code: bool = False,
         continuous_batching: bool = True,
+        fuse_projections: bool = False,
     ) -> None:
         if num_threads:
             torch.set_num_threads(int(num_threads))
-        self.lm = load_language_model(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        self.lm = load_language_model(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                                      fuse_projections=fuse_projections)
         self.path, self.device, self.dtype = self.lm.path, self.lm.device, self.lm.dtype
         self.model, self.tokenizer = self.lm.model, self.lm.tokenizer
         self.eos_token_ids, self.pad_id, self.context_length = self.lm.eos_token_ids, self.lm.pad_id, self.lm.context_length

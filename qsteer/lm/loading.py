@@ -14,6 +14,7 @@ import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from qsteer.lm.fused import fuse_projections as fuse
 from qsteer.lm.stop import StopRule, eos_ids, token_budget
 from qsteer.models import resolve_model_path
 
@@ -120,8 +121,9 @@ class LanguageModel:
 
 
 def load_language_model(path: str | None = None, dtype: str = "auto", device: str = "auto",
-                        trust_remote_code: bool = False) -> LanguageModel:
-    """`path` (a folder, a hub id, or None/`default` for the shipped model) on `device` in `dtype`."""
+                        trust_remote_code: bool = False, fuse_projections: bool = False) -> LanguageModel:
+    """`path` (a folder, a hub id, or None/`default` for the shipped model) on `device` in `dtype`;
+    `fuse_projections` fuses q/k/v and gate/up into one matmul each (`lm.fused`)."""
     resolved = resolve_model_path(path)
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
@@ -135,6 +137,8 @@ def load_language_model(path: str | None = None, dtype: str = "auto", device: st
     head = model.get_output_embeddings()
     if torch_device.type == "cpu" and type(head) is torch.nn.Linear and head.bias is None:
         head.forward = small_batch_head(head)
+    if fuse_projections:
+        fuse(model)
     eos = eos_ids(tokenizer.eos_token_id, model.generation_config.eos_token_id)
     pad = tokenizer.pad_token_id
     return LanguageModel(
