@@ -65,5 +65,6 @@ def sample_tokens(logprobs: torch.Tensor, params: SamplingParams, uniforms: torc
 def draw(probs: torch.Tensor, uniform: float) -> int:
     """Inverse-CDF draw from an unnormalised probability vector."""
     cdf = probs.cumsum(-1)
-    index = int(torch.searchsorted(cdf, torch.tensor([uniform * float(cdf[-1])], dtype=cdf.dtype), right=True))
+    target = torch.tensor([uniform * float(cdf[-1])], dtype=cdf.dtype, device=cdf.device)
+    index = int(torch.searchsorted(cdf, target, right=True))
     return min(index, probs.shape[-1] - 1)

@@ -116,8 +116,10 @@ def sample_chains(
     tokens = torch.zeros((rows, k, gamma), dtype=torch.long)
     qs = torch.zeros((rows, k, gamma, q0.shape[-1]))
     valid = torch.ones((rows, k, gamma), dtype=torch.bool)
-    tokens[:, :, 0] = torch.tensor([_first_tokens(q0[r], k, without_replacement, greedy, rngs[r]) for r in range(rows)])
-    qs[:, :, 0] = q0[:, None].cpu()
+    q0_host = q0.cpu()  # the rows' generators live on the host
+    tokens[:, :, 0] = torch.tensor([_first_tokens(q0_host[r], k, without_replacement, greedy, rngs[r])
+                                    for r in range(rows)])
+    qs[:, :, 0] = q0_host[:, None]
     confidence = torch.ones(rows)  # SpecDec++: P(every token drafted so far is accepted)
     calls = 0
     for t in range(1, gamma):
