@@ -21,7 +21,7 @@ rates meaningless except for the self-draft (the policy drafting for itself: eve
 which shows what the speculative machinery costs and saves at full acceptance.
 
 Run:  python benchmarks/gpu_check.py                        (CUDA, bf16; a few minutes on one GPU)
-      python benchmarks/gpu_check.py --device cpu --quick   (a smoke run anywhere, float32)
+      python benchmarks/gpu_check.py --device cpu --quick   (a smoke run anywhere: float32, 4 layers, tiny sizes)
 Writes benchmarks/results/gpu_check.{json,md} (gpu_check_cpu_quick.* for a CPU run).
 """
 
@@ -61,8 +61,9 @@ INIT_RANGE = 0.08
 
 
 # -- the model -------------------------------------------------------------------------------------
-def build_model(folder: Path, seed: int) -> Path:
-    """SmolLM2-135M's architecture with random weights, and its real tokenizer, in `folder`."""
+def build_model(folder: Path, seed: int, layers: int | None = None) -> Path:
+    """SmolLM2-135M's architecture with random weights, and its real tokenizer, in `folder`
+    (`layers`: keep only that many decoder layers, for a quick smoke run)."""
     source = HERE / "gpu_model"
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "generation_config.json", "tokenizer_config.json", "chat_template.jinja"):
@@ -71,6 +72,10 @@ def build_model(folder: Path, seed: int) -> Path:
         shutil.copyfileobj(packed, out)
     config = AutoConfig.from_pretrained(folder)
     config.initializer_range = INIT_RANGE
+    if layers is not None:
+        config.num_hidden_layers = layers
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[:layers]
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(folder)
@@ -207,12 +212,13 @@ def check_batching(engine, new_tokens: int) -> dict:
     return result
 
 
-def check_stop_strings(engine) -> dict:
+def check_stop_strings(engine, quick: bool) -> dict:
     ids = engine.encode(["Write three sentences about rain."])
-    free = engine.generate(ids, SamplingParams(n=4, max_new_tokens=40, seed=3))[0]
+    new_tokens = 12 if quick else 40
+    free = engine.generate(ids, SamplingParams(n=4, max_new_tokens=new_tokens, seed=3))[0]
     letters = [ch for c in free for ch in c.text if ch.isalpha()]
     stop = max(set(letters), key=letters.count)  # the most common letter: random text holds no "."
-    stopped = engine.generate(ids, SamplingParams(n=4, max_new_tokens=40, seed=3, stop=[stop]))[0]
+    stopped = engine.generate(ids, SamplingParams(n=4, max_new_tokens=new_tokens, seed=3, stop=[stop]))[0]
     ok = True
     for a, b in zip(free, stopped, strict=True):
         ok &= stop not in b.text
@@ -255,7 +261,7 @@ def run_checks(engine, reference, quick: bool, label: str) -> dict:
         "generated_logprobs_are_scored_logprobs": lambda: check_generated_logprobs(engine, tolerance),
         "topk_next_is_the_top_of_the_distribution": lambda: check_topk(engine, reference, tolerance, tie),
         "samples_do_not_depend_on_batching": lambda: check_batching(engine, 6 if quick else 16),
-        "stop_strings_cut_the_text": lambda: check_stop_strings(engine),
+        "stop_strings_cut_the_text": lambda: check_stop_strings(engine, quick),
         "too_long_prompt_is_refused_by_name": lambda: check_too_long_prompt(engine),
         "first_token_follows_the_model_law": lambda: check_first_token_law(engine, reference, 500 if quick else 3000),
     }
@@ -413,7 +419,8 @@ def main() -> int:
         return 2
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     started = time.perf_counter()
-    folder = build_model(Path(tempfile.mkdtemp(prefix="qsteer-gpu-check-")) / "smollm2-135m-random", args.seed)
+    folder = build_model(Path(tempfile.mkdtemp(prefix="qsteer-gpu-check-")) / "smollm2-135m-random", args.seed,
+                         layers=4 if args.quick else None)
     print(f"model: {folder} (random weights, seed {args.seed}); device {device}, {dtype}", flush=True)
 
     engine = HFEngine(path=str(folder), dtype=dtype, device=str(device), max_batch_rows=256)
