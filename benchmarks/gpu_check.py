@@ -476,7 +476,7 @@ def markdown(report: dict) -> str:
             lines.append(f"| {precision} | {name} | {'ok' if result['passed'] else '**FAILED**'} | {details} |")
     b = report["best_of_n"]
     lines += ["", f"## Best-of-{b['n']} ({b['prompts']} prompts, {b['max_new_tokens']} new tokens, temperature 1)", "",
-              f"Roofline: {roof['matmul_tflops']:.1f} TFLOP/s matmul / (2 x {roof['parameters'] / 1e6:.1f}M parameters) "
+              f"Roofline: {roof['matmul_tflops']:.3g} TFLOP/s matmul / (2 x {roof['parameters'] / 1e6:.1f}M parameters) "
               f"= {roof['tokens_per_s']:.0f} tokens/s.", "",
               "| method | tokens | seconds | tokens/s | share of roofline | same tokens |", "|---|--:|--:|--:|--:|---|"]
     for name, row in b["rows"].items():
