@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from qsteer.actors.draft import RemoteDrafter, remote_drafter
 from qsteer.decoding import draft_config
 from qsteer.engines import Completion, Engine, SamplingParams, build_engine
 
@@ -19,7 +18,7 @@ class Policy:
         self.engine = engine
         self.calls = 0
         self.draft_actor = None
-        self.remote_drafters: dict[tuple, RemoteDrafter | None] = {}  # per draft config: its session's drafter
+        self.remote_drafters: dict[tuple, object] = {}  # per draft config: its session's RemoteDrafter (or None)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -47,9 +46,11 @@ class Policy:
             return self.engine.generate(prompt_ids, params, keys, drafter=drafter)
         return self.engine.generate(prompt_ids, params, keys)
 
-    def _remote_drafter(self, params: SamplingParams) -> RemoteDrafter | None:
+    def _remote_drafter(self, params: SamplingParams):
         if self.draft_actor is None or not params.speculative:
             return None
+        from qsteer.actors.draft import remote_drafter  # Ray, only once a draft actor is attached
+
         key = draft_config(params.speculative).key()
         if key not in self.remote_drafters:
             self.remote_drafters[key] = remote_drafter(self.draft_actor, params.speculative, self.engine.tokenizer)
