@@ -13,13 +13,7 @@ from typing import Annotated, Any, Literal
 
 from qsteer.config.base import Range, resource
 from qsteer.config.resources import Resources
-
-try:
-    from qsteer.decoding import DRAFT_CONFIGS
-except ImportError:  # before the decoding layer lands (issue 8 part 1): one config shared by every kind
-    from qsteer.speculative.config import KINDS, SpeculativeConfig
-
-    DRAFT_CONFIGS = {kind: SpeculativeConfig for kind in KINDS}
+from qsteer.decoding import DRAFT_CONFIGS
 
 
 @dataclass(frozen=True)
