@@ -27,8 +27,9 @@ class ModelConfig(Resources):
     """`default`: the shipped SmolLM2-135M-Instruct; or a local folder or a hub id."""
     engine: Literal["hf", "vllm"] = "hf"
     """`hf`: transformers with qsteer's own batched decode loop; `vllm`: vLLM (`pip install 'qsteer[vllm]'`)."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """`auto`: bfloat16 on CUDA, float32 on CPU."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = "auto"
+    """`auto`: bfloat16 on CUDA, float32 on CPU. `float64` (hf only) makes samples bitwise independent of
+    batching on CPU, where float32 matmuls round differently with the number of rows in a step."""
     device: str = "auto"
     """`auto` picks CUDA when present; or a torch device such as `cpu` or `cuda:1` (hf only)."""
     chat_template: bool = True
