@@ -20,19 +20,19 @@ def rows(out: Path) -> list[dict]:
 
 
 def test_best_of_n_reward_grows_with_n_and_n1_is_sampling(ray_session, compose, tmp_path):
+    # float64: CPU float32 matmuls round differently with a step's row count (docs/architecture.md),
+    # which would let a near-tie token differ between N=4 and N=16; in float64 the nesting is bitwise
+    exact = [*FAST, "model.dtype=float64"]
     means = {}
     for n in (1, 4, 16):
-        means[n] = run_job(compose(f"workflow.n={n}", *FAST), tmp_path / f"bon{n}")["mean_reward"]
+        means[n] = run_job(compose(f"workflow.n={n}", *exact), tmp_path / f"bon{n}")["mean_reward"]
     assert means[1] <= means[4] <= means[16]
     assert means[16] > means[1]
-    sample = run_job(compose("workflow=sample", *FAST), tmp_path / "sample")
+    sample = run_job(compose("workflow=sample", *exact), tmp_path / "sample")
     assert sample["mean_reward"] == means[1]
     assert [r["output"] for r in rows(tmp_path / "sample")] == [r["output"] for r in rows(tmp_path / "bon1")]
-    # per prompt, N=16's candidates extend N=4's (same streams), so its best is never worse. Bitwise
-    # only in float64: CPU float32 matmuls round differently with a step's row count (docs/architecture.md)
-    for n in (4, 16):
-        run_job(compose(f"workflow.n={n}", "model.dtype=float64", *FAST), tmp_path / f"bon{n}-f64")
-    for small, big in zip(rows(tmp_path / "bon4-f64"), rows(tmp_path / "bon16-f64"), strict=True):
+    # per prompt, N=16's candidates extend N=4's (same streams), so its best is never worse
+    for small, big in zip(rows(tmp_path / "bon4"), rows(tmp_path / "bon16"), strict=True):
         assert [c["text"] for c in big["candidates"][:4]] == [c["text"] for c in small["candidates"]]
         assert big["reward"] == max(c["reward"] for c in big["candidates"])
 
