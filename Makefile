@@ -44,7 +44,7 @@ lint: setup
 	$(VENV)/bin/ruff check qsteer tests benchmarks
 
 test: setup lint
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=30
 
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow"
