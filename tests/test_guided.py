@@ -33,11 +33,8 @@ class PairScorer:
 
 
 @pytest.fixture(scope="module")
-def engine64(tiny_path):
-    """float64: outputs bitwise independent of batch shapes, so two loops can be compared token for token."""
-    from qsteer.engines import build_engine
-
-    return build_engine("hf", path=tiny_path, dtype="float64", max_batch_rows=64)
+def engine64(tiny_engine64):
+    return tiny_engine64
 
 
 PROMPTS = ["Hello there", "Once upon a time", "The weather today is"]

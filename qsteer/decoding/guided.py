@@ -214,7 +214,7 @@ class _Chunk:
         self.slot_row = list(range(len(self.rows)))
         self.running = [True] * len(self.rows)
         self.count = 0
-        self.uniforms = torch.stack([step_uniforms(self.params.seed, self.keys[p], j, self.steps)
+        self.uniforms = torch.stack([step_uniforms(self.params.seed, self.keys[p], j, self.steps, self.params.offset)
                                      for p, j in self.rows]).to(self.device)
 
     # -- one step: candidates, scores, draws, KL, stop rule ---------------------------------------

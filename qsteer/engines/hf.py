@@ -81,6 +81,8 @@ class HFEngine:
             completions = plain.generate_rows(self.lm, prompt_ids, keys, rows, params, self.max_batch_rows,
                                               continuous=self.continuous_batching)
         else:
+            if params.offset:
+                raise ValueError("a stream offset (a continuation's draws) is for plain decoding only")
             run, chunk_rows = self._speculative(draft_config(params.speculative), drafter)
             completions = []
             for start in range(0, len(rows), chunk_rows):
