@@ -95,10 +95,10 @@ class ControlledDecodingConfig(WorkflowConfig):
     """blockwise: K, candidate blocks sampled per step; 1 is plain sampling."""
     block_size: Annotated[int, Range(1)] = 8
     """blockwise: M, tokens per block; M >= generation.max_new_tokens with the reward as the value is
-    Best-of-K."""
+    Best of K."""
     score_finished: bool = False
     """blockwise: score a candidate that ended (EOS, stop string) with the reward instead of the value
-    (the spec's option); with M >= the budget every candidate is finished, and this is Best-of-K."""
+    (the spec's option); with M >= the budget every candidate is finished, and this is Best of K."""
 
 
 @dataclass(frozen=True)
