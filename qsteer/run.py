@@ -67,6 +67,7 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
     draft = speculative_config(cfg)
 
     own_roles = roles is None
+    trained: dict[str, Any] | None = None
     started_ray, stopped, previous = False, None, None
     ready = finished = None
     failures: list[str] = []
@@ -86,6 +87,9 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
         ctx = context(cfg, roles, draft)  # waits for the policy replicas to load
         ready = time.perf_counter()
         failures = run_batches(workflow, todo, ctx, results, cfg, total=len(records))
+        if workflow.finish is not None and not failures:
+            trained = workflow.finish(results.read(), ctx)
+            write_folder(out_dir / "value", trained["files"])
         finished = time.perf_counter()
         replica_calls = [info["calls"] for info in ctx.policy.info()] if ctx.policy is not None else []
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM through the CLI's handler: keep what finished
@@ -111,12 +115,32 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
     )
     if retried:
         summary["metrics"]["retried_errors"] = retried
+    if trained is not None:
+        summary["metrics"]["value"] = {"path": str(out_dir / "value"), **trained["card"]}
     if stopped is not None:
         summary["metrics"]["stopped_by"] = signal.Signals(getattr(stopped, "signum", signal.SIGINT)).name
     write_atomic(out_dir / "summary.json", dumps(summary, indent=2) + "\n")
     if stopped is not None:
         raise stopped
     return summary
+
+
+def write_folder(folder: Path, files: dict[str, bytes]) -> None:
+    """Write `files` (relative name -> bytes) as `folder`, atomically: a crash leaves the old folder or the new."""
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        for name, data in files.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_bytes(data)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 class RunFolderBusy(RuntimeError):
@@ -187,6 +211,8 @@ def check_job(cfg: DictConfig, records: list[dict]) -> None:
         if missing:
             raise DatasetError(f"{source}: reward={cfg.reward.name} needs {' or '.join(map(repr, alternatives))} "
                                f"in every record; {len(missing)} have none (first: {missing[0]!r})")
+    if "value" in WORKFLOWS[cfg.workflow.name].roles:
+        value_terms(cfg)  # the checkpoints exist and have the configured shape and backbone
     reward_model = OmegaConf.select(cfg, "reward.kwargs.model_path")
     if reward_model:  # a judge's or reward model's folder: a bad path must not read as the policy's
         try:
@@ -211,8 +237,51 @@ def check_job(cfg: DictConfig, records: list[dict]) -> None:
                               "model.engine=vllm, whose vllm.LLM arguments they are")
 
 
+def needs_value(cfg: DictConfig) -> bool:
+    """Whether the workflow scores by a value: blockwise CD with M >= the budget and the reward on finished
+    candidates (Best-of-K) scores every candidate by the reward."""
+    w = cfg.workflow
+    if "value" not in WORKFLOWS[w.name].roles:
+        return False
+    return not (w.get("mode") == "blockwise" and w.get("score_finished")
+                and w.get("block_size", 0) >= cfg.generation.max_new_tokens)
+
+
+def value_terms(cfg: DictConfig) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+    """The value= group's checkpoints as (path, weight): (heads on the policy, values in value actors).
+
+    Reads only the checkpoints' small files; errors name the key. A workflow that needs no value
+    gets none; one that does needs value.path, with the configured shape and backbone.
+    """
+    from qsteer.values import checkpoint_kind
+
+    v = cfg.value
+    if not needs_value(cfg):
+        return [], []
+    if v.path is None:
+        raise ConfigError(f"value.path is required by workflow={cfg.workflow.name}: a value checkpoint folder "
+                          "(workflow=train_value writes one to RUN_DIR/value)")
+    terms = [("value.path", v.path, float(v.weight))]
+    terms += [(f"value.others[{i}].path", t.path, float(t.weight)) for i, t in enumerate(v.others)]
+    heads, separate = [], []
+    for key, path, weight in terms:
+        try:
+            shape, backbone = checkpoint_kind(path)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{key}={path!r}: {err}") from None
+        if key == "value.path" and (shape, backbone) != (v.shape, v.backbone):
+            raise ConfigError(f"value.path={path!r} holds a {shape} head on a {backbone} backbone, but "
+                              f"value.shape={v.shape} value.backbone={v.backbone}; set them to match it")
+        if backbone == "policy" and cfg.model.engine != "hf":
+            raise ConfigError(f"{key}={path!r} is a head on the policy's backbone, which rides in the hf engine; "
+                              "use model.engine=hf")
+        (heads if backbone == "policy" else separate).append((str(Path(path).resolve()), weight))
+    return heads, separate
+
+
 def context(cfg: DictConfig, roles: dict[str, Any], draft: dict | None) -> Context:
     policy = roles.get("policy")
+    info = policy.info()[0] if policy is not None else {}
     return Context(
         workflow=cfg.workflow,
         params=SamplingParams(
@@ -227,7 +296,11 @@ def context(cfg: DictConfig, roles: dict[str, Any], draft: dict | None) -> Conte
         policy=policy,
         reward=roles.get("reward"),
         chat=bool(cfg.model.chat_template),
-        **({"context_length": policy.info()[0]["context_length"]} if policy is not None else {}),
+        value=roles.get("value"),
+        trainer=roles.get("trainer"),
+        eos_token_ids=list(info.get("eos_token_ids", [])),
+        value_config=cfg.value,
+        **({"context_length": info["context_length"]} if policy is not None else {}),
     )
 
 
@@ -273,6 +346,13 @@ def check_local_resources(cfg: DictConfig, roles: tuple[str, ...], draft: dict |
             groups.append(("draft", "draft.actor", cfg.draft.actor))
     if "reward" in roles:
         groups.append(("reward", "reward", cfg.reward))
+    if "value" in roles and value_terms(cfg)[1]:
+        groups.append(("value", "value", cfg.value))
+    if "trainer" in roles:
+        from types import SimpleNamespace
+
+        v = cfg.value
+        groups.append(("trainer", "value", SimpleNamespace(replicas=1, num_cpus=v.num_cpus, num_gpus=v.num_gpus)))
     cpus = cfg.cluster.num_cpus or os.cpu_count() or 1
     where = f"cluster.num_cpus={cpus}" if cfg.cluster.num_cpus else f"this machine's {cpus} cores"
     for role, key, group in groups:
@@ -330,10 +410,11 @@ def build_roles(roles: tuple[str, ...], cfg: DictConfig, draft: dict | None = No
     from qsteer.actors.group import ActorGroup, attach_drafts
     from qsteer.actors.policy import PolicyActor
     from qsteer.actors.reward import RewardActor
-    from qsteer.actors.roles import PolicyGroup, RewardGroup
+    from qsteer.actors.roles import PolicyGroup, RewardGroup, ValueSum
 
     groups: dict[str, Any] = {} if into is None else into
     has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    heads, separate = value_terms(cfg) if "value" in roles else ([], [])
     if "policy" in roles:
         m = cfg.model
         engine_kwargs = OmegaConf.to_container(m.engine_kwargs, resolve=True)
@@ -360,12 +441,21 @@ def build_roles(roles: tuple[str, ...], cfg: DictConfig, draft: dict | None = No
             device=m.device,
             max_batch_rows=m.max_batch_rows,
             chat_template=m.chat_template,
+            **({"value_heads": heads} if heads else {}),
             **engine_kwargs,
         )
         groups["policy"] = PolicyGroup(policy)
         if draft is not None and draft["kind"] == "model" and not draft.get("colocate", True) and m.engine == "hf":
             groups["draft"] = build_draft_group(cfg, has_gpu)
             attach_drafts(policy, groups["draft"])
+    if separate:
+        value_group = build_value_group(cfg, separate, has_gpu)
+        groups["value"] = ValueSum(groups["policy"] if heads else None, value_group)
+        ray.get([actor.attach_value.remote(value_group.replicas.actors) for actor in policy.actors])
+    elif heads:
+        groups["value"] = ValueSum(groups["policy"], None)
+    if "trainer" in roles:
+        groups["trainer"] = build_trainer_group(cfg, has_gpu)
     if "reward" in roles:
         r = cfg.reward
         groups["reward"] = RewardGroup(ActorGroup(
@@ -380,6 +470,40 @@ def build_roles(roles: tuple[str, ...], cfg: DictConfig, draft: dict | None = No
             kwargs=OmegaConf.to_container(r.kwargs, resolve=True),
         ))
     return groups
+
+
+def _value_actor_options(cfg: DictConfig, has_gpu: bool, replicas: int) -> dict[str, Any]:
+    v = cfg.value
+    num_gpus = (1 if has_gpu else 0) if v.num_gpus == "auto" else v.num_gpus
+    threads = v.num_threads
+    if threads is None and cfg.cluster.address is None and not num_gpus:
+        threads = max(1, (os.cpu_count() or 1) // replicas)
+    return {"num_cpus": v.num_cpus, "num_gpus": num_gpus, "max_restarts": v.max_restarts, "num_threads": threads,
+            "dtype": v.dtype, "device": v.device}
+
+
+def build_value_group(cfg: DictConfig, terms: list[tuple[str, float]], has_gpu: bool):
+    """Value actors holding the separate-backbone values (weighted), for workflows and policy actors."""
+    from qsteer.actors.group import ActorGroup
+    from qsteer.actors.roles import ValueGroup
+    from qsteer.actors.value import ValueActor
+
+    v = cfg.value
+    return ValueGroup(ActorGroup(ValueActor, role="value", replicas=v.replicas, terms=terms,
+                                 max_batch_rows=v.max_batch_rows, **_value_actor_options(cfg, has_gpu, v.replicas)))
+
+
+def build_trainer_group(cfg: DictConfig, has_gpu: bool):
+    """One actor that fits the value (workflow=train_value), with the value= group's resources."""
+    from qsteer.actors.group import ActorGroup
+    from qsteer.actors.roles import TrainerGroup
+    from qsteer.actors.value import ValueTrainer
+
+    v = cfg.value
+    return TrainerGroup(ActorGroup(
+        ValueTrainer, role="trainer", replicas=1, policy_path=resolve_model_path(cfg.model.path), shape=v.shape,
+        backbone=v.backbone, base_path=v.base_path, method=v.method, lr=v.lr, epochs=v.epochs,
+        train_batch=v.train_batch, seed=cfg.seed, **_value_actor_options(cfg, has_gpu, 1)))
 
 
 def build_draft_group(cfg: DictConfig, has_gpu: bool):

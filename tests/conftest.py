@@ -44,6 +44,15 @@ def tiny_engine(tiny_path):
 
 
 @pytest.fixture(scope="session")
+def tiny_engine64(tiny_path):
+    """The tiny model in float64: outputs bitwise independent of batch shapes and of how a context was
+    fed (prefilled whole or decoded token by token), so two loops can be compared token for token."""
+    from qsteer.engines import build_engine
+
+    return build_engine("hf", path=tiny_path, dtype="float64", max_batch_rows=64)
+
+
+@pytest.fixture(scope="session")
 def engine():
     from qsteer.engines.hf import HFEngine
 

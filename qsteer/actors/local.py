@@ -13,7 +13,8 @@ from typing import Any
 
 from qsteer.actors.policy import Policy
 from qsteer.actors.reward import Reward
-from qsteer.actors.roles import PolicyGroup, RewardGroup
+from qsteer.actors.roles import PolicyGroup, RewardGroup, ValueGroup
+from qsteer.actors.value import Value
 from qsteer.engines import Engine
 from qsteer.rewards import RewardFn
 
@@ -55,6 +56,11 @@ class LocalReplicas:
 def local_policy(*engines: Engine) -> PolicyGroup:
     """A policy group with one in-process replica per engine."""
     return PolicyGroup(LocalReplicas([Policy(engine) for engine in engines]))
+
+
+def local_value(*values: Any) -> ValueGroup:
+    """A value group with one in-process replica per `ValueFunction`."""
+    return ValueGroup(LocalReplicas([Value(value) for value in values]))
 
 
 def local_reward(*fns: RewardFn) -> RewardGroup:

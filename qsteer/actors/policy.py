@@ -2,6 +2,11 @@
 
 `Policy` holds an engine and counts the calls that cost model time; `PolicyActor` is the same
 class building its own engine, which is what a Ray replica (or a test's in-process group) hosts.
+
+Value-guided decoding: heads on the policy's own backbone are loaded here (`load_value_heads`),
+so a Q-head's values come from the guided loop's own forward; values in value actors are
+attached (`attach_value`: a `ValueFunction`, or Ray handles wrapped in `RemoteValue`). Both
+become one `TokenScorer` that `generate_guided` hands down to the engine's guided loop.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import os
 from typing import Any
 
 from qsteer.decoding import draft_config
+from qsteer.decoding.guided import PolicyHeadScorer, TokenScorer, ValueFunctionScorer, WeightedScorers
 from qsteer.engines import Completion, Engine, SamplingParams, build_engine
 
 
@@ -19,6 +25,8 @@ class Policy:
         self.calls = 0
         self.draft_actor = None
         self.remote_drafters: dict[tuple, object] = {}  # per draft config: its session's RemoteDrafter (or None)
+        self.heads: list[tuple[Any, float]] = []  # (ValueModel on this policy's backbone, weight)
+        self.value = None  # a ValueFunction over value actors (or in process), when attached
 
     def info(self) -> dict[str, Any]:
         return {
@@ -36,6 +44,9 @@ class Policy:
 
     def encode(self, prompts: list[str | list[dict]], chat: bool = True) -> list[list[int]]:
         return self.engine.encode(prompts, chat=chat)
+
+    def decode(self, token_ids: list[list[int]]) -> list[str]:
+        return [self.engine.decode(ids) for ids in token_ids]
 
     def generate(
         self, prompt_ids: list[list[int]], params: SamplingParams, keys: list[str]
@@ -60,13 +71,70 @@ class Policy:
         self.calls += 1
         return self.engine.score(prompt_ids, continuation_ids)
 
+    # -- value-guided decoding -------------------------------------------------------------------
+    def load_value_heads(self, terms: list[tuple[str, float]]) -> None:
+        """Heads trained on this policy's hidden states ((checkpoint, weight) pairs), on its own model."""
+        from qsteer.values import load_value_model
+
+        model = getattr(self.engine, "model", None)
+        if model is None or not hasattr(self.engine, "generate_guided"):
+            raise ValueError("value.backbone=policy heads ride in the policy's hf engine; use model.engine=hf")
+        self.heads = [(load_value_model(path, policy=model), float(weight)) for path, weight in terms]
+
+    def attach_value(self, value: Any) -> None:
+        """A `ValueFunction` (in process), or value actors' Ray handles, to steer by beside the heads."""
+        from qsteer.values import ValueFunction
+
+        if not isinstance(value, ValueFunction):
+            from qsteer.actors.value import RemoteValue
+
+            value = RemoteValue(list(value))
+        self.value = value
+
+    def scorer(self) -> TokenScorer:
+        """sum of w V over the heads and the attached value, as the guided loop's scorer."""
+        from qsteer.values import ValueScorer
+
+        parts: list[tuple[TokenScorer, float]] = []
+        for model, weight in self.heads:
+            if model.kind == "q":
+                parts.append((PolicyHeadScorer(model.head), weight))
+            else:  # a scalar head values [s, z] only after a forward over z: k prefixes per row
+                parts.append((ValueFunctionScorer(ValueScorer(model, pad_id=self.engine.pad_id)), weight))
+        if self.value is not None:
+            parts.append((ValueFunctionScorer(self.value), 1.0))
+        if not parts:
+            raise ValueError("guided decoding needs a value: set value.path (a head on the policy, or a value "
+                             "in value actors)")
+        return parts[0][0] if len(parts) == 1 and parts[0][1] == 1.0 else WeightedScorers(parts)
+
+    def generate_guided(self, prompt_ids: list[list[int]], params: SamplingParams, keys: list[str],
+                        alpha: float) -> list[list[Completion]]:
+        """`params.n` completions per prompt from p exp(alpha V)/Z over the top `params.top_k` (tokenwise CD)."""
+        self.calls += 1
+        return self.engine.generate_guided(prompt_ids, params, keys, self.scorer(), alpha)
+
+    def head_values(self, prefixes: list[list[int]]) -> list[float]:
+        """sum_i w_i V_i(prefix) over the heads on this policy (blockwise CD's candidate scores)."""
+        from qsteer.values import ValueScorer
+
+        self.calls += 1
+        total = [0.0] * len(prefixes)
+        for model, weight in self.heads:
+            values = ValueScorer(model, pad_id=self.engine.pad_id).values(prefixes)
+            total = [t + weight * v for t, v in zip(total, values, strict=True)]
+        return total
+
     def topk_next(self, prefixes: list[list[int]], k: int) -> list[list[tuple[int, float]]]:
         self.calls += 1
         return self.engine.topk_next(prefixes, k)
 
 
 class PolicyActor(Policy):
-    def __init__(self, engine: str = "hf", num_threads: int | None = None, **engine_kwargs: Any) -> None:
+    def __init__(self, engine: str = "hf", num_threads: int | None = None,
+                 value_heads: list[tuple[str, float]] | None = None, **engine_kwargs: Any) -> None:
         # Ray pins OMP threads to the actor's num_cpus; an explicit count (or the node's cores
         # shared among its replicas) lets a CPU actor use the whole machine.
         super().__init__(build_engine(engine, num_threads=num_threads, **engine_kwargs))
+        if value_heads:
+            self.load_value_heads(value_heads)

@@ -38,6 +38,8 @@ class PolicyRole(Protocol):
 
     def encode(self, prompts: list[str | list[dict]], chat: bool = True) -> list[list[int]]: ...
 
+    def decode(self, token_ids: list[list[int]]) -> list[str]: ...
+
     def generate(
         self, prompt_ids: list[list[int]], params: SamplingParams, keys: list[str]
     ) -> list[list[Completion]]: ...
@@ -45,6 +47,15 @@ class PolicyRole(Protocol):
     def score(self, prompt_ids: list[list[int]], continuation_ids: list[list[int]]) -> list[list[float]]: ...
 
     def topk_next(self, prefixes: list[list[int]], k: int) -> list[list[tuple[int, float]]]: ...
+
+    def generate_guided(self, prompt_ids: list[list[int]], params: SamplingParams, keys: list[str],
+                        alpha: float) -> list[list[Completion]]:
+        """Tokenwise controlled decoding with the values the policy holds or is attached to."""
+        ...
+
+    def head_values(self, prefixes: list[list[int]]) -> list[float]:
+        """sum w V(prefix) over the value heads riding on the policy's backbone."""
+        ...
 
 
 class RewardRole(Protocol):
@@ -57,6 +68,14 @@ class RewardRole(Protocol):
         completion_ids: list[list[int]] | None,
         columns: dict[str, list[Any]],
     ) -> list[Scored]: ...
+
+
+class ValueRole(Protocol):
+    """What workflows (and guided loops) ask of a value: `qsteer.values.ValueFunction` over token ids."""
+
+    def values(self, prefixes: list[list[int]]) -> list[float]: ...
+
+    def next_values(self, prefixes: list[list[int]], candidates: list[list[int]]) -> list[list[float]]: ...
 
 
 class _Group:
@@ -80,6 +99,9 @@ class PolicyGroup(_Group):
     def encode(self, prompts: list[str | list[dict]], chat: bool = True) -> list[list[int]]:
         return self.replicas.run("encode", prompts, chat)
 
+    def decode(self, token_ids: list[list[int]]) -> list[str]:
+        return self.replicas.run("decode", token_ids)
+
     def generate(
         self, prompt_ids: list[list[int]], params: SamplingParams, keys: list[str]
     ) -> list[list[Completion]]:
@@ -90,6 +112,64 @@ class PolicyGroup(_Group):
 
     def topk_next(self, prefixes: list[list[int]], k: int) -> list[list[tuple[int, float]]]:
         return self.replicas.run("topk_next", prefixes, k)
+
+    def generate_guided(self, prompt_ids: list[list[int]], params: SamplingParams, keys: list[str],
+                        alpha: float) -> list[list[Completion]]:
+        return self.replicas.run("generate_guided", prompt_ids, params, keys, alpha)
+
+    def head_values(self, prefixes: list[list[int]]) -> list[float]:
+        return self.replicas.run("head_values", prefixes)
+
+
+class ValueGroup(_Group):
+    """The value role (ValueRole) over replicas of `actors.value.Value`: itself a ValueFunction."""
+
+    def values(self, prefixes: list[list[int]]) -> list[float]:
+        return self.replicas.run("values", prefixes)
+
+    def next_values(self, prefixes: list[list[int]], candidates: list[list[int]]) -> list[list[float]]:
+        return self.replicas.run("next_values", prefixes, candidates)
+
+
+class TrainerGroup(_Group):
+    """The value trainer (`actors.value.ValueTrainer`): fits a value on given samples."""
+
+    def fit(self, prompt_ids: list[list[int]], completion_ids: list[list[int]], rewards: list[float],
+            heldout: list[bool], end_ids: list[int]) -> dict[str, Any]:
+        return self.replicas.run("fit", prompt_ids, completion_ids, rewards, heldout, end_ids)
+
+
+class ValueSum:
+    """The value role as workflows see it: heads riding on the policy plus value actors, summed.
+
+    Either part may be absent. `next_values` needs no policy heads (tokenwise decoding with heads
+    runs inside the policy actors, `PolicyGroup.generate_guided`).
+    """
+
+    def __init__(self, policy: PolicyGroup | None = None, group: ValueGroup | None = None) -> None:
+        if policy is None and group is None:
+            raise ValueError("ValueSum needs heads on the policy or a value group")
+        self.policy, self.group = policy, group
+
+    def values(self, prefixes: list[list[int]]) -> list[float]:
+        parts = []
+        if self.policy is not None:
+            parts.append(self.policy.head_values(prefixes))
+        if self.group is not None:
+            parts.append(self.group.values(prefixes))
+        return [sum(p) for p in zip(*parts, strict=True)]
+
+    def next_values(self, prefixes: list[list[int]], candidates: list[list[int]]) -> list[list[float]]:
+        if self.policy is not None or self.group is None:
+            raise ValueError("heads on the policy score next tokens inside the policy (generate_guided)")
+        return self.group.next_values(prefixes, candidates)
+
+    def info(self) -> list[dict[str, Any]]:
+        return self.group.info() if self.group is not None else []
+
+    def shutdown(self) -> None:
+        if self.group is not None:  # the policy group is shut down as the policy role
+            self.group.shutdown()
 
 
 class RewardGroup(_Group):

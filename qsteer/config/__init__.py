@@ -24,6 +24,7 @@ from qsteer.config.job import (
     speculative_config,
 )
 from qsteer.config.resources import Resources
+from qsteer.config.value import ValueConfig, ValueTermConfig
 from qsteer.config.workflows import WORKFLOW_CONFIGS, WorkflowConfig
 
 __all__ = [
@@ -41,6 +42,8 @@ __all__ = [
     "Range",
     "Resources",
     "RewardConfig",
+    "ValueConfig",
+    "ValueTermConfig",
     "WorkflowConfig",
     "check_config",
     "load_config",

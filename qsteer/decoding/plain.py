@@ -120,7 +120,7 @@ class _Loop:
 
     def _uniforms(self, row: int) -> torch.Tensor:
         p, j = self.rows[row]
-        return step_uniforms(self.params.seed, self.keys[p], j, self.steps)
+        return step_uniforms(self.params.seed, self.keys[p], j, self.steps, self.params.offset)
 
     @staticmethod
     def _keep(cache, index: int, width: int, logits: torch.Tensor, length: int, waiting: int) -> _Prefilled:

@@ -7,7 +7,9 @@ are gpt-fast's shape: prefill once, expand the cache to n rows per prompt, then 
 
 `generate` picks the loop: plain (`decoding.plain`), speculative with a drafter
 (`decoding.speculative`; the drafter is built here from `params.speculative`, or passed in,
-as the policy actor passes a draft actor's), or EAD (`decoding.ead`).
+as the policy actor passes a draft actor's), or EAD (`decoding.ead`). `generate_guided` runs
+the token-wise guided loop (`decoding.guided`) with the scorer it is given (controlled decoding,
+Transfer Q*, ARGS).
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from qsteer.decoding import (
     build_drafter,
     draft_config,
     ead,
+    guided,
     plain,
     speculative,
 )
+from qsteer.decoding.guided import TokenScorer
 from qsteer.engines.base import Completion, SamplingParams, check_prompts, encode_prompts
 from qsteer.lm.forward import left_pad
 from qsteer.lm.loading import load_language_model
@@ -77,10 +81,27 @@ class HFEngine:
             completions = plain.generate_rows(self.lm, prompt_ids, keys, rows, params, self.max_batch_rows,
                                               continuous=self.continuous_batching)
         else:
+            if params.offset:
+                raise ValueError("a stream offset (a continuation's draws) is for plain decoding only")
             run, chunk_rows = self._speculative(draft_config(params.speculative), drafter)
             completions = []
             for start in range(0, len(rows), chunk_rows):
                 completions += run(prompt_ids, keys, rows[start : start + chunk_rows], params)
+        results: list[list[Completion]] = [[] for _ in prompt_ids]
+        for (p, _), completion in zip(rows, completions, strict=True):
+            results[p].append(completion)
+        return results
+
+    @torch.inference_mode()
+    def generate_guided(self, prompt_ids: list[list[int]], params: SamplingParams, keys: list[str] | None,
+                        scorer: TokenScorer, alpha: float) -> list[list[Completion]]:
+        """`n` completions per prompt from p(z|s) exp(alpha * score(s, z)) / Z over the top `params.top_k`
+        (`decoding.guided`); alpha = 0 is `generate`'s top-k sampling, draw for draw."""
+        keys = keys if keys is not None else [str(i) for i in range(len(prompt_ids))]
+        check_prompts(prompt_ids, keys, self.context_length)
+        rows = [(p, j) for p in range(len(prompt_ids)) for j in range(params.n)]
+        completions = guided.generate_rows(self.lm, prompt_ids, keys, rows, params, scorer, alpha,
+                                           self.max_batch_rows)
         results: list[list[Completion]] = [[] for _ in prompt_ids]
         for (p, _), completion in zip(rows, completions, strict=True):
             results[p].append(completion)

@@ -264,7 +264,8 @@ class VLLMEngine:
                 stop=list(params.stop) or None,
                 stop_token_ids=self.eos_token_ids,
                 logprobs=0,  # the sampled token's own logprob only
-                seed=sample_seed(params.seed, key, 0),
+                # a continuation (params.offset) gets its own stream: vLLM cannot skip into one
+                seed=sample_seed(params.seed, key if not params.offset else f"{key}@{params.offset}", 0),
             )
             for key, ids in zip(keys, prompt_ids, strict=True)
         ]

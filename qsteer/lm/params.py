@@ -19,6 +19,9 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     seed: int = 0
     speculative: dict | None = None  # a draft config (the fields of a `qsteer.decoding.DRAFT_CONFIGS` class)
+    # the first token of this call is token `offset` of each row's random stream: a continuation
+    # (blockwise CD's next block) draws what one longer call would have drawn there
+    offset: int = 0
 
 
 def sample_seed(seed: int, key: str, index: int) -> int:

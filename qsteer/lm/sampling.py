@@ -16,9 +16,10 @@ def row_generator(seed: int, key: str, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(sample_seed(seed, key, index))
 
 
-def step_uniforms(seed: int, key: str, index: int, steps: int) -> torch.Tensor:
-    """The plain loop's uniforms of one row: one per step, drawn up front from the row's own stream."""
-    return torch.rand(steps, generator=row_generator(seed, key, index))
+def step_uniforms(seed: int, key: str, index: int, steps: int, offset: int = 0) -> torch.Tensor:
+    """The plain loop's uniforms of one row: one per step, drawn up front from the row's own stream,
+    from its position `offset` on (torch's CPU generator draws a longer run's prefix exactly)."""
+    return torch.rand(offset + steps, generator=row_generator(seed, key, index))[offset:]
 
 
 def uniform_from(generator: torch.Generator):

@@ -18,6 +18,7 @@ class Completion:
     logprobs: list[float]
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     spec: dict | None = None  # speculative decoding counts (rounds, drafted, accepted, ...) when used
+    guided: dict | None = None  # guided decoding's KL from the base and its costs (decoding/guided.py)
 
 
 def eos_ids(tokenizer_eos: int | None, generation_eos: int | list[int] | None) -> list[int]:

@@ -12,7 +12,7 @@ engines, no workflows). Fitting lives in `qsteer.training.value`; see docs/value
 
 from qsteer.values.base import ValueFunction, WeightedValues
 from qsteer.values.guided import best_of_k_kl_bound, guided_logprobs, sample_guided, step_kl
-from qsteer.values.model import ValueModel, ValueScorer, load_value_model
+from qsteer.values.model import ValueModel, ValueScorer, checkpoint_kind, load_value_model
 
 __all__ = [
     "ValueFunction",
@@ -20,6 +20,7 @@ __all__ = [
     "ValueScorer",
     "WeightedValues",
     "best_of_k_kl_bound",
+    "checkpoint_kind",
     "guided_logprobs",
     "load_value_model",
     "sample_guided",

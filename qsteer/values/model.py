@@ -163,6 +163,24 @@ class ValueModel(nn.Module):
             tokenizer.save_pretrained(folder)
 
 
+def checkpoint_kind(path: str | Path) -> tuple[ValueKind, str]:
+    """(shape, backbone) of a value checkpoint, from its small files only (nothing is loaded).
+
+    A FileNotFoundError or ValueError names the folder and what is missing.
+    """
+    folder = Path(path)
+    if (folder / HEAD_CONFIG).exists():
+        return json.loads((folder / HEAD_CONFIG).read_text())["kind"], "policy"
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder} holds neither config.json nor {HEAD_CONFIG}: not a value checkpoint")
+    config = json.loads((folder / "config.json").read_text())
+    if config.get(Q_MARKER) == "q":
+        return "q", "separate"
+    if any(arch.endswith("ForSequenceClassification") for arch in config.get("architectures") or []):
+        return "scalar", "separate"
+    raise ValueError(f"{folder}/config.json is neither a sequence-classification model nor a qsteer Q-value model")
+
+
 def load_value_model(path: str | Path, policy: nn.Module | None = None,
                      dtype: torch.dtype = torch.float32) -> ValueModel:
     """Load what `ValueModel.save` wrote. A policy-backbone head needs the policy model it was trained on."""

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from qsteer.workflows import best_of_n, sample, score, speculative
+from qsteer.workflows import best_of_n, controlled_decoding, sample, score, speculative, train_value
 from qsteer.workflows.common import Context
 
 
@@ -18,6 +19,9 @@ from qsteer.workflows.common import Context
 class Workflow:
     run: Callable[[list[dict], Context], list[dict]]
     roles: tuple[str, ...]
+    # after every batch: over all records of the run folder, returns {"card", "files"} that the
+    # orchestrator writes into the run folder (workflow=train_value's checkpoint)
+    finish: Callable[[list[dict], Context], dict[str, Any]] | None = None
 
 
 WORKFLOWS: dict[str, Workflow] = {
@@ -25,6 +29,8 @@ WORKFLOWS: dict[str, Workflow] = {
     "best_of_n": Workflow(best_of_n.run, ("policy", "reward")),
     "score": Workflow(score.run, ("reward",)),
     "speculative": Workflow(speculative.run, ("policy", "reward")),
+    "controlled_decoding": Workflow(controlled_decoding.run, ("policy", "reward", "value")),
+    "train_value": Workflow(train_value.run, ("policy", "reward", "trainer"), finish=train_value.finish),
 }
 
 __all__ = ["WORKFLOWS", "Context", "Workflow"]

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from qsteer.actors.roles import PolicyRole, RewardRole, Scored
+from qsteer.actors.roles import PolicyRole, RewardRole, Scored, ValueRole
 from qsteer.data import prompt_text
 from qsteer.engines import Completion, SamplingParams
 from qsteer.metrics.speculative import sum_spec
@@ -29,6 +29,10 @@ class Context:
     reward: RewardRole | None = None
     chat: bool = True
     context_length: int = 2048
+    value: ValueRole | None = None  # the value= group's value (heads on the policy and/or value actors)
+    trainer: Any = None  # a value trainer (workflow=train_value): `fit(...)`, see actors/value.py
+    eos_token_ids: list[int] = field(default_factory=list)
+    value_config: Any = None  # the value= group (workflow=train_value reads its training keys)
 
 
 @dataclass
@@ -36,6 +40,7 @@ class Stats:
     prompt_tokens: dict[str, int] = field(default_factory=dict)  # per record id
     policy_calls: int = 0
     reward_calls: int = 0
+    value_calls: int = 0  # reported by the workflows that call a value role, in their own stats
     started: float = field(default_factory=time.perf_counter)
 
     def as_dict(self, share: int = 1) -> dict[str, Any]:
@@ -47,10 +52,8 @@ class Stats:
         }
 
 
-def generate(
-    records: list[dict], ctx: Context, n: int, stats: Stats
-) -> tuple[list[list[Completion] | None], list[str | None]]:
-    """n completions per record, or an error for a record that cannot be generated."""
+def encode(records: list[dict], ctx: Context) -> tuple[list[list[int]], list[str | None]]:
+    """Each record's prompt as the policy's token ids, and an error for a prompt it cannot take."""
     assert ctx.policy is not None
     prompts = [r.get("messages") or r["prompt"] for r in records]
     prompt_ids = ctx.policy.encode(prompts, ctx.chat)
@@ -61,6 +64,15 @@ def generate(
         else None
         for ids in prompt_ids
     ]
+    return prompt_ids, errors
+
+
+def generate(
+    records: list[dict], ctx: Context, n: int, stats: Stats
+) -> tuple[list[list[Completion] | None], list[str | None]]:
+    """n completions per record, or an error for a record that cannot be generated."""
+    assert ctx.policy is not None
+    prompt_ids, errors = encode(records, ctx)
     ok = [i for i, err in enumerate(errors) if err is None]
     results: list[list[Completion] | None] = [None] * len(records)
     if ok:
