@@ -29,12 +29,18 @@ class Policy:
         self.value = None  # a ValueFunction over value actors (or in process), when attached
 
     def info(self) -> dict[str, Any]:
+        stats = getattr(self.engine, "prefix_cache_stats", None)  # the hf engine's, when its cache is on
         return {
             "context_length": self.engine.context_length,
             "eos_token_ids": self.engine.eos_token_ids,
             "pid": os.getpid(),
             "calls": self.calls,
+            **({"prefix_cache": stats()} if stats is not None and stats() is not None else {}),
         }
+
+    def decode(self, token_ids: list[list[int]]) -> list[str]:
+        """Text of each token-id list (no model call: not counted)."""
+        return [self.engine.decode(ids) for ids in token_ids]
 
     def attach_draft(self, draft_actor) -> None:
         """A DraftActor handle for model drafts that are not colocated (draft.colocate=false): generate
