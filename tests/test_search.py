@@ -96,7 +96,7 @@ def test_each_step_keeps_the_best_of_each_prompts_own_candidates(run, prompts, w
         use = row["stats"]["roles"]
         assert use["policy"]["calls"] == use["reward"]["calls"] == len(steps)
         assert use["policy"]["candidates"] == use["reward"]["texts"] == sum(len(s) for s in steps)
-        for before, after in zip(steps, steps[1:]):
+        for before, after in zip(steps, steps[1:], strict=False):
             if workflow == "beam_search":  # n candidates per step; the best n / beam_width go on
                 assert len(before) == 4
                 groups = [range(4)]
@@ -123,6 +123,28 @@ def test_each_prompt_searches_alone(run, prompts):
         assert alone["stats"]["roles"] == row["stats"]["roles"]
 
 
-def test_n_must_be_a_multiple_of_the_beam_width(compose):
+def test_bad_search_configs_are_refused_by_key(compose):
     with pytest.raises(ConfigError, match=r"workflow\.n must be a multiple of workflow\.beam_width"):
         check_config(compose("workflow=dvts", "workflow.n=5", "workflow.beam_width=2"))
+    with pytest.raises(ConfigError, match=r"generation\.speculative='lookup': workflow=beam_search"):
+        check_config(compose("workflow=beam_search", "generation.speculative=lookup"))
+
+
+@pytest.mark.ray
+def test_beam_search_through_run_job_on_ray_with_the_prefix_cache(ray_session, compose, tmp_path, tiny_path, run,
+                                                                   prompts):
+    """The config reaches the Ray policy actor (prefix cache on, its counters in `info`), and the records
+    are the in-process run's without the cache."""
+    import json
+
+    from qsteer.run import run_job
+
+    search = ["workflow=beam_search", "workflow.n=4", "workflow.beam_width=2", *STEPS]
+    cfg = compose(*search, f"model.path={tiny_path}", "model.dtype=float64", "model.prefix_cache_tokens=4096",
+                  "dataset.limit=2", "reward=callable", "reward.target=reward_fns:word_count")
+    summary = run_job(cfg, tmp_path)
+    assert summary["num_errors"] == 0 and summary["num_prompts"] == 2
+    on_ray = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    in_process, _ = run(prompts, *search)
+    assert [(r["output"], r["reward"], r["candidates"]) for r in on_ray] == \
+        [(r["output"], r["reward"], r["candidates"]) for r in in_process]
