@@ -38,10 +38,6 @@ class Policy:
             **({"prefix_cache": stats()} if stats is not None and stats() is not None else {}),
         }
 
-    def decode(self, token_ids: list[list[int]]) -> list[str]:
-        """Text of each token-id list (no model call: not counted)."""
-        return [self.engine.decode(ids) for ids in token_ids]
-
     def attach_draft(self, draft_actor) -> None:
         """A DraftActor handle for model drafts that are not colocated (draft.colocate=false): generate
         hands a RemoteDrafter over it down to the engine."""

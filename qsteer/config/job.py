@@ -69,7 +69,6 @@ class JobConfig(Config):
                           "workflow.mode=blockwise, which runs on both engines")
 
 
-
 STEP_SEARCHES = ("beam_search", "dvts")  # their steps continue random streams, which only plain decoding does
 GROUPS = ("workflow", "model", "draft", "value", "reward", "dataset", "cluster", "generation")
 
