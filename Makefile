@@ -52,6 +52,7 @@ test-fast: setup
 bench: setup
 	$(PY) benchmarks/bench_best_of_n.py
 	$(PY) benchmarks/bench_speculative.py
+	$(PY) benchmarks/bench_prefix_cache.py
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

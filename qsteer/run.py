@@ -225,7 +225,8 @@ def check_job(cfg: DictConfig, records: list[dict]) -> None:
         from qsteer.engines.hf import HFEngine
 
         # the keys build_roles passes from model.* itself are not engine_kwargs either
-        taken = {"self", "path", "dtype", "device", "max_batch_rows", "num_threads", "chat_template"}
+        taken = {"self", "path", "dtype", "device", "max_batch_rows", "num_threads", "chat_template",
+                 "prefix_cache_tokens"}
         parameters = inspect.signature(HFEngine.__init__).parameters
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
             return  # it takes any keyword: nothing to check here
@@ -442,6 +443,7 @@ def build_roles(roles: tuple[str, ...], cfg: DictConfig, draft: dict | None = No
             max_batch_rows=m.max_batch_rows,
             chat_template=m.chat_template,
             **({"value_heads": heads} if heads else {}),
+            **({"prefix_cache_tokens": m.prefix_cache_tokens} if m.engine == "hf" else {}),
             **engine_kwargs,
         )
         groups["policy"] = PolicyGroup(policy)

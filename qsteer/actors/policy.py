@@ -29,11 +29,13 @@ class Policy:
         self.value = None  # a ValueFunction over value actors (or in process), when attached
 
     def info(self) -> dict[str, Any]:
+        stats = getattr(self.engine, "prefix_cache_stats", None)  # the hf engine's, when its cache is on
         return {
             "context_length": self.engine.context_length,
             "eos_token_ids": self.engine.eos_token_ids,
             "pid": os.getpid(),
             "calls": self.calls,
+            **({"prefix_cache": stats()} if stats is not None and stats() is not None else {}),
         }
 
     def attach_draft(self, draft_actor) -> None:

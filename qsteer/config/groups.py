@@ -38,6 +38,12 @@ class ModelConfig(Resources):
     """hf: sequences decoded together inside one engine call; vllm: requests per `LLM.generate` call."""
     num_threads: Annotated[int, Range(1)] | None = resource(None)
     """hf: torch threads per replica; null: the node's cores shared by the replicas."""
+    prefix_cache_tokens: Annotated[int, Range(0)] = resource(0)
+    """hf: keep the keys and values of up to this many tokens of earlier prompts and reuse the longest
+    cached prefix of each new one, so step-level search (beam_search, dvts) pays for a step's new
+    tokens, not the whole prefix; 0: off. About 46 KB a token for the default model in float32. Outputs
+    are the same in float64 (in float32 up to the last bits of the new tokens' keys and values). vllm
+    always uses its own automatic prefix caching."""
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     """Passed to the engine as is. vllm: keyword arguments of `vllm.LLM`, e.g.
     `+model.engine_kwargs.tensor_parallel_size=4` (then `distributed_executor_backend` defaults to

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -74,6 +75,8 @@ def show(value: Any) -> str:
                               width=1000).strip().removesuffix("\n...").strip()
     if value == "???":
         return "required"
+    if isinstance(value, str) and any(c in value for c in "\n\r\t"):
+        return json.dumps(value)  # a control character written as an override would write it: "\n\n"
     return str(value)
 
 

@@ -69,6 +69,7 @@ class JobConfig(Config):
                           "workflow.mode=blockwise, which runs on both engines")
 
 
+STEP_SEARCHES = ("beam_search", "dvts")  # their steps continue random streams, which only plain decoding does
 GROUPS = ("workflow", "model", "draft", "value", "reward", "dataset", "cluster", "generation")
 
 
@@ -115,7 +116,10 @@ def check_config(cfg: DictConfig | dict[str, Any]) -> JobConfig:
     Returns the typed config, with the draft the policy decodes with (if any) checked too.
     """
     job = load_config(cfg)
-    policy_draft(job)
+    if policy_draft(job) is not None and job.workflow.name in STEP_SEARCHES:
+        raise ConfigError(f"generation.speculative={job.generation.speculative!r}: workflow={job.workflow.name} "
+                          "decodes its steps plainly (each continues its sample's random stream); set "
+                          "generation.speculative=false")
     return job
 
 

@@ -114,6 +114,45 @@ class TrainValueConfig(WorkflowConfig):
     """Value training."""
 
 
+@dataclass(frozen=True)
+class StepSearchConfig(WorkflowConfig):
+    """Keys shared by the step-level searches (beam_search, dvts)."""
+
+    n: Annotated[int, Range(1)] = 4
+    """Candidate steps sampled per prompt at each step: the per-step budget, as Best-of-N's n."""
+    beam_width: Annotated[int, Range(1)] = 2
+    """Candidates sampled from each kept beam per step (search-and-learn's beam_width); `n` must be a
+    multiple of it."""
+    block_size: Annotated[int, Range(1)] = 16
+    """A step ends after this many tokens at most (or earlier, at `delimiter` or EOS)."""
+    delimiter: str = "\n\n"
+    """A step ends once this string appears (search-and-learn's blank line); empty: steps end only
+    after `block_size` tokens or at EOS."""
+    scorer: Literal["reward"] = "reward"
+    """What ranks the partial texts: `reward`, the reward group on the text so far (reward=model, or
+    any reward that takes a partial text)."""
+
+    def check(self) -> None:
+        if self.n % self.beam_width:
+            raise Invalid("n", f"must be a multiple of workflow.beam_width ({self.beam_width}), got {self.n}")
+
+
+@dataclass(frozen=True)
+class BeamSearchConfig(StepSearchConfig):
+    """Step-level beam search: each step, `n` candidates from the kept beams, the best `n / beam_width` kept."""
+
+    name: Literal["beam_search"] = "beam_search"
+    """Beam search over steps."""
+
+
+@dataclass(frozen=True)
+class DVTSConfig(StepSearchConfig):
+    """Diverse verifier tree search: `n / beam_width` independent subtrees, each keeping its best beam."""
+
+    name: Literal["dvts"] = "dvts"
+    """DVTS over steps."""
+
+
 WORKFLOW_CONFIGS: dict[str, type[WorkflowConfig]] = {
     "best_of_n": BestOfNConfig,
     "sample": SampleConfig,
@@ -121,4 +160,6 @@ WORKFLOW_CONFIGS: dict[str, type[WorkflowConfig]] = {
     "speculative": SpeculativeWorkflowConfig,
     "controlled_decoding": ControlledDecodingConfig,
     "train_value": TrainValueConfig,
+    "beam_search": BeamSearchConfig,
+    "dvts": DVTSConfig,
 }

@@ -37,6 +37,7 @@ from transformers.cache_utils import DynamicLayer
 from qsteer.lm.cache import PreallocatedLayer, compact
 from qsteer.lm.forward import prefill
 from qsteer.lm.loading import LanguageModel
+from qsteer.lm.prefix_cache import PrefixCache
 from qsteer.lm.sampling import SamplingParams, sample_tokens, step_uniforms
 from qsteer.lm.stop import Completion
 
@@ -58,24 +59,27 @@ class _Prefilled:
 
 @torch.inference_mode()
 def generate_rows(lm: LanguageModel, prompt_ids: list[list[int]], keys: list[str], rows: list[tuple[int, int]],
-                  params: SamplingParams, max_batch_rows: int, continuous: bool = True) -> list[Completion]:
+                  params: SamplingParams, max_batch_rows: int, continuous: bool = True,
+                  prefix_cache: PrefixCache | None = None) -> list[Completion]:
     """Decode `rows` ((prompt index, sample index) pairs), at most `max_batch_rows` at a time.
 
     continuous=False decodes them in fixed chunks of `max_batch_rows` rows instead (the benchmark's
-    baseline); the tokens are the same either way.
+    baseline); the tokens are the same either way. With a `prefix_cache` every prefill reuses the
+    keys and values of the longest prefix it holds and computes only the rest (`lm.prefix_cache`).
     """
-    loop = _Loop(lm, prompt_ids, keys, rows, params, max_batch_rows, continuous)
+    loop = _Loop(lm, prompt_ids, keys, rows, params, max_batch_rows, continuous, prefix_cache)
     return loop.run()
 
 
 class _Loop:
-    def __init__(self, lm, prompt_ids, keys, rows, params, max_batch_rows, continuous) -> None:
+    def __init__(self, lm, prompt_ids, keys, rows, params, max_batch_rows, continuous, prefix_cache) -> None:
         self.lm, self.model, self.device = lm, lm.model, lm.device
         self.prompt_ids, self.keys, self.rows, self.params = prompt_ids, keys, rows, params
         self.max_batch_rows = max_batch_rows
-        self.steps = params.max_new_tokens
+        self.steps = max(params.budgets) if params.budgets else params.max_new_tokens
         self.stop = lm.stop_rule(params.stop)
-        self.budget = [lm.budget(len(prompt_ids[p]), params.max_new_tokens) for p, _ in rows]
+        self.budget = [lm.budget(len(prompt_ids[p]), params.budget(p)) for p, _ in rows]
+        self.prefill = prefix_cache.prefill if prefix_cache is not None else prefill
         self.outputs: list[list[int]] = [[] for _ in rows]
         self.logprobs: list[list[float]] = [[] for _ in rows]
         self.finish = ["length"] * len(rows)
@@ -100,8 +104,8 @@ class _Loop:
         slot = {p: i for i, p in enumerate(prompts)}
         width = max(len(self.prompt_ids[p]) for p in prompts)
         extra = self.capacity - width if self.continuous else self.steps
-        cache, logits, mask, positions = prefill(self.model, [self.prompt_ids[p] for p in prompts], self.lm.pad_id,
-                                                 self.device, extra)
+        cache, logits, mask, positions = self.prefill(self.model, [self.prompt_ids[p] for p in prompts],
+                                                      self.lm.pad_id, self.device, extra)
         if self.continuous:  # prompts with samples still waiting keep their prefill for `admit`
             waiting = {}
             for r in self.waiting:
@@ -120,7 +124,7 @@ class _Loop:
 
     def _uniforms(self, row: int) -> torch.Tensor:
         p, j = self.rows[row]
-        return step_uniforms(self.params.seed, self.keys[p], j, self.steps, self.params.offset)
+        return step_uniforms(self.params.seed, self.keys[p], j, self.steps, self.params.stream_offset(p))
 
     @staticmethod
     def _keep(cache, index: int, width: int, logits: torch.Tensor, length: int, waiting: int) -> _Prefilled:
@@ -169,7 +173,8 @@ class _Loop:
             for r in [*taken, *self.waiting]:
                 if self.rows[r][0] in waiting:
                     waiting[self.rows[r][0]] += 1
-            cache, logits, _, _ = prefill(self.model, [self.prompt_ids[p] for p in new], self.lm.pad_id, self.device, 0)
+            cache, logits, _, _ = self.prefill(self.model, [self.prompt_ids[p] for p in new], self.lm.pad_id,
+                                               self.device, 0)
             width = max(len(self.prompt_ids[p]) for p in new)
             for i, p in enumerate(new):
                 self.prefilled[p] = self._keep(cache, i, width, logits[i], len(self.prompt_ids[p]), waiting[p])

@@ -10,6 +10,11 @@ are gpt-fast's shape: prefill once, expand the cache to n rows per prompt, then 
 as the policy actor passes a draft actor's), or EAD (`decoding.ead`). `generate_guided` runs
 the token-wise guided loop (`decoding.guided`) with the scorer it is given (controlled decoding,
 Transfer Q*, ARGS).
+
+`prefix_cache_tokens` > 0 keeps a bounded prefix cache (`lm.prefix_cache`) that the plain loop's
+prefills reuse, as vLLM's automatic prefix caching does: step-level methods, whose prompts grow by
+one step per call, then pay for each step's new tokens rather than the whole prefix. Its counters
+are in `prefix_cache_stats()` and the policy's `info()`.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from qsteer.decoding.guided import TokenScorer
 from qsteer.engines.base import Completion, SamplingParams, check_prompts, encode_prompts
 from qsteer.lm.forward import left_pad
 from qsteer.lm.loading import load_language_model
+from qsteer.lm.prefix_cache import PrefixCache
 
 
 class HFEngine:
@@ -45,6 +51,7 @@ class HFEngine:
         trust_remote_code: bool = False,
         continuous_batching: bool = True,
         fuse_projections: bool = False,
+        prefix_cache_tokens: int = 0,
     ) -> None:
         if num_threads:
             torch.set_num_threads(int(num_threads))
@@ -58,6 +65,11 @@ class HFEngine:
         self.use_chat_template = chat_template and bool(self.tokenizer.chat_template)
         # one drafter (or EAD small model) per draft config: recycling tables and searches persist
         self.drafters: dict[tuple, object] = {}
+        self.prefix_cache = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
+
+    def prefix_cache_stats(self) -> dict | None:
+        """The prefix cache's counters (hits, misses, reused and prefilled tokens, ...), or None when off."""
+        return None if self.prefix_cache is None else self.prefix_cache.stats.as_dict()
 
     # -- text at the edges -------------------------------------------------------------------
     def encode(self, prompts: list[str | list[dict]], chat: bool = True) -> list[list[int]]:
@@ -79,10 +91,11 @@ class HFEngine:
         rows = [(p, j) for p in range(len(prompt_ids)) for j in range(params.n)]
         if not params.speculative:
             completions = plain.generate_rows(self.lm, prompt_ids, keys, rows, params, self.max_batch_rows,
-                                              continuous=self.continuous_batching)
+                                              continuous=self.continuous_batching, prefix_cache=self.prefix_cache)
         else:
-            if params.offset:
-                raise ValueError("a stream offset (a continuation's draws) is for plain decoding only")
+            if params.offset or params.offsets is not None or params.budgets is not None:
+                raise ValueError("stream offsets (a continuation's draws) and per-prompt budgets (step-level "
+                                 "search) are for plain decoding only; set generation.speculative=false")
             run, chunk_rows = self._speculative(draft_config(params.speculative), drafter)
             completions = []
             for start in range(0, len(rows), chunk_rows):

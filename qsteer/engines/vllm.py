@@ -260,14 +260,16 @@ class VLLMEngine:
                 temperature=params.temperature,
                 top_p=params.top_p,
                 top_k=params.top_k or 0,  # 0: no top-k filter, in both engines
-                max_tokens=min(params.max_new_tokens, self.context_length - len(ids)),
+                max_tokens=min(params.budget(i), self.context_length - len(ids)),
                 stop=list(params.stop) or None,
                 stop_token_ids=self.eos_token_ids,
                 logprobs=0,  # the sampled token's own logprob only
-                # a continuation (params.offset) gets its own stream: vLLM cannot skip into one
-                seed=sample_seed(params.seed, key if not params.offset else f"{key}@{params.offset}", 0),
+                # a continuation (params.offset, or a search step's offsets) gets its own stream: vLLM
+                # cannot skip into one
+                seed=sample_seed(params.seed, key if not params.stream_offset(i) else f"{key}@{params.stream_offset(i)}",
+                                 0),
             )
-            for key, ids in zip(keys, prompt_ids, strict=True)
+            for i, (key, ids) in enumerate(zip(keys, prompt_ids, strict=True))
         ]
         before = self._spec_counters()
         results = []

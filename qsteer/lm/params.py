@@ -22,6 +22,18 @@ class SamplingParams:
     # the first token of this call is token `offset` of each row's random stream: a continuation
     # (blockwise CD's next block) draws what one longer call would have drawn there
     offset: int = 0
+    # Per prompt (None: every prompt alike): `offsets[i]` replaces `offset` for prompt i (a search
+    # step continues each candidate's own stream where its beam stopped, so a search of one beam
+    # and one candidate is plain sampling, token for token); `budgets[i]` is prompt i's own
+    # max_new_tokens (a beam's share of the budget left).
+    offsets: list[int] | None = None
+    budgets: list[int] | None = None
+
+    def stream_offset(self, prompt: int) -> int:
+        return self.offsets[prompt] if self.offsets is not None else self.offset
+
+    def budget(self, prompt: int) -> int:
+        return self.budgets[prompt] if self.budgets is not None else self.max_new_tokens
 
 
 def sample_seed(seed: int, key: str, index: int) -> int:

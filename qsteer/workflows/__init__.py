@@ -11,7 +11,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from qsteer.workflows import best_of_n, controlled_decoding, sample, score, speculative, train_value
+from qsteer.workflows import (
+    beam_search,
+    best_of_n,
+    controlled_decoding,
+    dvts,
+    sample,
+    score,
+    speculative,
+    train_value,
+)
 from qsteer.workflows.common import Context
 
 
@@ -31,6 +40,8 @@ WORKFLOWS: dict[str, Workflow] = {
     "speculative": Workflow(speculative.run, ("policy", "reward")),
     "controlled_decoding": Workflow(controlled_decoding.run, ("policy", "reward", "value")),
     "train_value": Workflow(train_value.run, ("policy", "reward", "trainer"), finish=train_value.finish),
+    "beam_search": Workflow(beam_search.run, ("policy", "reward")),
+    "dvts": Workflow(dvts.run, ("policy", "reward")),
 }
 
 __all__ = ["WORKFLOWS", "Context", "Workflow"]
