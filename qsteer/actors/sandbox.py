@@ -48,6 +48,9 @@ class Verdict:
     """None for a judged program (passed or failed); else one of FAULTS: the sandbox could not judge it."""
     wall_s: float = 0.0
     tampered: bool = False
+    pid_namespace: int = 0
+    """The sample's pid namespace (inode): a leak check looks for processes left in it."""
+    uid: int = -1
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,7 +68,8 @@ def classify(result: SandboxResult) -> Verdict:
     elif "without a verdict" in result.reason:
         fault = "judge_error"
     return Verdict(passed=result.passed and fault is None, reason=result.reason, fault=fault,
-                   wall_s=round(result.wall_s, 4), tampered=result.tampered)
+                   wall_s=round(result.wall_s, 4), tampered=result.tampered,
+                   pid_namespace=result.pid_namespace, uid=result.uid)
 
 
 class Sandbox:

@@ -20,6 +20,7 @@ record's reward. The sandbox's own faults (timeouts, kills, memory) are counted 
 
 from __future__ import annotations
 
+import ast
 import doctest
 import hashlib
 import json
@@ -243,13 +244,24 @@ def _prompt_code(record: dict) -> str | None:
     return record.get("prompt_code") or code_prompt(record.get("prompt"), record.get("entry_point"))
 
 
+def _docstring(record: dict) -> str:
+    """The entry point's docstring in the record's code (parsed, never run), or ""."""
+    try:
+        tree = ast.parse(_prompt_code(record) or "")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return ""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == record.get("entry_point"):
+            return ast.get_docstring(node) or ""
+    return ""
+
+
 def public_tests(record: dict) -> list[str]:
     """The tests a submitter may run: the record's `public_tests`, else the docstring's examples as asserts."""
     if record.get("public_tests"):
         return list(record["public_tests"])
-    code = _prompt_code(record) or ""
     tests = []
-    for example in doctest.DocTestParser().get_examples(code):
+    for example in doctest.DocTestParser().get_examples(_docstring(record)):
         want = example.want.strip()
         if want and not re.search(r"Traceback|\.\.\.", want):
             tests.append(f"assert ({example.source.strip()}) == ({want})")
