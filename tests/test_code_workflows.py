@@ -167,3 +167,19 @@ def test_public_tests_come_from_the_record_or_the_docstring(records):
     humaneval_like = {"prompt": 'def inc(x):\n    """Add one.\n    >>> inc(1)\n    2\n    """\n', "entry_point": "inc"}
     assert public_tests(humaneval_like) == ["assert (inc(1)) == (2)"]
     assert public_tests({"prompt": "Write inc.", "entry_point": "inc"}) == []
+
+
+def test_run_job_writes_pass_at_k_and_resumes(compose, sandbox, tmp_path):
+    from qsteer.run import run_job
+
+    cfg = compose("workflow=repeated_sampling", "workflow.n=4", "dataset=basic_code", "dataset.limit=2")
+    policy = ScriptedPolicy(reply)
+    summary = run_job(cfg, tmp_path, roles={"policy": policy, "sandbox": sandbox})
+    # each problem: 4 candidates, the 1st and 3rd right; the wrong ones fail the public example too
+    assert summary["metrics"]["pass_at_k"] == [0.5, round(1 - 1 / 6, 4), 1.0, 1.0]
+    assert summary["metrics"]["pass_at_k_public_filtered"] == [1.0] * 4
+    assert summary["mean_reward"] == 1.0 and summary["metrics"]["sandbox_faults"] == 0
+    assert len(list((tmp_path / "stages").glob("*.json"))) == 2
+    again = ScriptedPolicy(reply)
+    assert run_job(cfg, tmp_path, roles={"policy": again, "sandbox": sandbox})["metrics"]["pass_at_k"][0] == 0.5
+    assert again.calls == []
