@@ -73,7 +73,7 @@ def run_methods(problems: int, n: int, tokens: int, sandbox, observations: int) 
     from qsteer.workflows import WORKFLOWS
 
     records = load_dataset("basic_code", limit=problems)
-    policy = local_policy(HFEngine())
+    policy = local_policy(HFEngine(num_threads=2))
     common = [f"generation.max_new_tokens={tokens}", "generation.temperature=0.7", "generation.top_p=0.95", "seed=0"]
     methods = {
         "repeated_sampling": [f"workflow.n={n}"],
@@ -127,6 +127,36 @@ def plot(methods: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def markdown(result: dict) -> str:
+    s = result["sandbox"]
+    lines = [
+        f"# Plan search on the CPU ({'trusted' if result['trusted_timings'] else 'UNTRUSTED timings'}: "
+        f"load average {result['load_average_1m'][0]} before, {result['load_average_1m'][1]} after)",
+        "",
+        f"Arguments: `{json.dumps(result['args'])}`",
+        "",
+        "## Sandbox executions per second",
+        "",
+        "| | executions/s |",
+        "|---|--:|",
+        f"| one process, candidates in turn | {s['one_process_per_s']} |",
+        f"| pool: 2 actors x 2 samples | {s['pool_2x2_per_s']} ({s['pool_speedup']}x) |",
+        f"| pool, every verdict cached | {s['pool_cached_rerun_per_s']} |",
+        "",
+        "## Methods (basic_code, default model, seed 0)",
+        "",
+        "| method | candidates/problem | tokens/problem | wall s | selected pass | pass@1 | pass@n | "
+        "public-filtered pass@1 | Vendi (code) |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for name, m in result["methods"].items():
+        curve, public = m.get("pass_at_k") or [None], m.get("pass_at_k_public_filtered") or [None]
+        lines.append(f"| {name} | {m['candidates_per_problem']} | {m['generated_tokens_per_problem']} | {m['wall_s']} | "
+                     f"{m['selected_pass_rate']} | {curve[0]} | {curve[-1]} (n={len(curve)}) | {public[0]} | "
+                     f"{m['vendi_mean']} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--problems", type=int, default=6)
@@ -135,7 +165,14 @@ def main() -> None:
     parser.add_argument("--observations", type=int, default=4)
     parser.add_argument("--executions", type=int, default=120)
     parser.add_argument("--out", default="benchmarks/results/plansearch_cpu")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the .md and .png from the .json")
     args = parser.parse_args()
+    out = Path(args.out)
+    if args.report_only:
+        result = json.loads(out.with_suffix(".json").read_text())
+        out.with_suffix(".md").write_text(markdown(result))
+        plot(result["methods"], out.with_suffix(".png"))
+        return
 
     import ray
 
@@ -157,9 +194,9 @@ def main() -> None:
         "sandbox": sandbox,
         "methods": methods,
     }
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
     plot(methods, out.with_suffix(".png"))
     print(json.dumps(result, indent=2))
 
