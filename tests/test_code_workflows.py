@@ -183,3 +183,19 @@ def test_run_job_writes_pass_at_k_and_resumes(compose, sandbox, tmp_path):
     again = ScriptedPolicy(reply)
     assert run_job(cfg, tmp_path, roles={"policy": again, "sandbox": sandbox})["metrics"]["pass_at_k"][0] == 0.5
     assert again.calls == []
+
+
+@pytest.mark.ray
+def test_a_code_workflow_runs_on_ray_actors(ray_session, compose, tiny_path, tmp_path):
+    """The orchestrator builds the policy and the sandbox pool as Ray actors for a code workflow."""
+    from qsteer.run import run_job
+
+    cfg = compose("workflow=ideasearch", "workflow.n=2", f"model.path={tiny_path}", "dataset=basic_code", "dataset.limit=2",
+                  "generation.max_new_tokens=6", "sandbox.replicas=2")
+    summary = run_job(cfg, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert summary["num_errors"] == 0 and len(summary["metrics"]["pass_at_k"]) == 2
+    for row in rows:  # the tiny model writes no program: every candidate is judged and fails
+        assert len(row["candidates"]) == 2 and not any(c["passed"] for c in row["candidates"])
+        assert set(row["stages"]) == {"sketch", "code"} and len(row["stages"]["sketch"]) == 2
+        assert row["stats"]["generated_tokens"] == sum(row["stats"]["tokens_by_stage"].values())
