@@ -73,3 +73,23 @@ def test_p_ucb_follows_the_prior_first_then_values():
     assert max([unlikely, likely], key=lambda c: p_ucb(parent, c, 10.0, 4.0)) is likely
     parent.visits, likely.visits, unlikely.value = 5, 4, 1.0
     assert max([likely, unlikely], key=lambda c: p_ucb(parent, c, 10.0, 4.0)) is unlikely
+
+
+@pytest.mark.slow  # two float64 engines and two searches: over a minute on a loaded 2-core machine
+def test_rollouts_reuse_prefixes_through_the_engines_prefix_cache(compose, tiny_path):
+    """With `model.prefix_cache_tokens`, a rollout from a deeper node prefills only its new tokens;
+    in float64 the search is the same as without the cache."""
+    from qsteer.engines.hf import HFEngine
+
+    cfg = compose("workflow=pgtd", f"generation.max_new_tokens={TOKENS}", "workflow.rollouts=4", "workflow.top_k=2",
+                  "generation.temperature=0")
+    records = load_dataset("basic_code", limit=2)
+    outputs, engines = [], []
+    for tokens in (0, 8192):
+        engine = HFEngine(path=tiny_path, dtype="float64", max_batch_rows=64, prefix_cache_tokens=tokens)
+        ctx = context(cfg, {"policy": local_policy(engine), "sandbox": local_sandbox(1, timeout_s=5.0)}, None)
+        outputs.append([(r["output"], [c["text"] for c in r["candidates"]]) for r in WORKFLOWS["pgtd"].run(records, ctx)])
+        engines.append(engine)
+    assert outputs[0] == outputs[1]
+    stats = engines[1].prefix_cache_stats()
+    assert stats["hits"] > 0 and stats["reused_tokens"] > 0  # later rollouts reuse the earlier prompts
