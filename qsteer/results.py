@@ -203,6 +203,7 @@ def summarize(workflow: str, rows: list[dict[str, Any]], *, wall_s: float, new_t
         for k in sorted({1, min(n for n, _ in counts)}):
             metrics[f"pass@{k}"] = mean_pass_at_k(counts, k)
     metrics.update(run_metrics(rows))
+    metrics.update(code_metrics(rows))
     errors = [f"{r['id']}: {r['error']}" for r in rows if r.get("error") is not None]
     if errors:
         metrics["first_errors"] = errors[:FIRST_ERRORS]
@@ -222,4 +223,24 @@ def summarize(workflow: str, rows: list[dict[str, Any]], *, wall_s: float, new_t
         "generation_s": None if generation_s is None else round(generation_s, 3),
         "tokens_per_s": round(new_tokens / generation_s, 2) if generation_s else None,
         "metrics": metrics,
+    }
+
+
+def code_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """pass@k for k = 1..n, plain and public-filtered, for records of the code workflows.
+
+    n is the fewest candidates of any record (the estimator needs n >= k); a record's
+    candidates carry `passed` (hidden tests) and `passed_public` (the statement's examples).
+    """
+    from qsteer.metrics.code_pass import code_counts, pass_at_k_curve, public_filtered_pass_at_k_curve
+
+    judged = [r["candidates"] for r in rows if r.get("candidates") and "passed_public" in r["candidates"][0]]
+    if not judged:
+        return {}
+    counts = [code_counts([c["passed"] for c in cands], [c["passed_public"] for c in cands]) for cands in judged]
+    return {
+        "pass_at_k": [round(v, 4) for v in pass_at_k_curve(counts)],
+        "pass_at_k_public_filtered": [round(v, 4) for v in public_filtered_pass_at_k_curve(counts)],
+        "selected_pass_rate": round(sum(bool(r.get("reward")) for r in rows if r.get("candidates")) / len(judged), 4),
+        "sandbox_faults": sum(int(r.get("stats", {}).get("sandbox_faults", 0)) for r in rows),
     }

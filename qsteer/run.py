@@ -31,6 +31,7 @@ from qsteer.models import ModelNotFoundError, resolve_model_path
 from qsteer.results import ResultsFile, config_changes, dumps, summarize, write_atomic
 from qsteer.rewards import REQUIRED_COLUMNS, is_pass_fail
 from qsteer.workflows import WORKFLOWS, Context, Workflow
+from qsteer.workflows.code_search import StageStore
 
 
 def run_job(cfg: DictConfig, out_dir: str | Path, roles: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -84,7 +85,7 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
             previous = _stop_on_sigterm()  # after ray.init, whose own handler would exit at once
             if todo:
                 build_roles(workflow.roles, cfg, draft, into=roles)
-        ctx = context(cfg, roles, draft)  # waits for the policy replicas to load
+        ctx = context(cfg, roles, draft, out_dir)  # waits for the policy replicas to load
         ready = time.perf_counter()
         failures = run_batches(workflow, todo, ctx, results, cfg, total=len(records))
         if workflow.finish is not None and not failures:
@@ -280,7 +281,7 @@ def value_terms(cfg: DictConfig) -> tuple[list[tuple[str, float]], list[tuple[st
     return heads, separate
 
 
-def context(cfg: DictConfig, roles: dict[str, Any], draft: dict | None) -> Context:
+def context(cfg: DictConfig, roles: dict[str, Any], draft: dict | None, out_dir: Path | None = None) -> Context:
     policy = roles.get("policy")
     info = policy.info()[0] if policy is not None else {}
     return Context(
@@ -296,6 +297,8 @@ def context(cfg: DictConfig, roles: dict[str, Any], draft: dict | None) -> Conte
         ),
         policy=policy,
         reward=roles.get("reward"),
+        sandbox=roles.get("sandbox"),
+        stages=None if out_dir is None else StageStore(Path(out_dir) / "stages"),
         chat=bool(cfg.model.chat_template),
         value=roles.get("value"),
         trainer=roles.get("trainer"),
@@ -354,6 +357,8 @@ def check_local_resources(cfg: DictConfig, roles: tuple[str, ...], draft: dict |
 
         v = cfg.value
         groups.append(("trainer", "value", SimpleNamespace(replicas=1, num_cpus=v.num_cpus, num_gpus=v.num_gpus)))
+    if "sandbox" in roles:
+        groups.append(("sandbox", "sandbox", cfg.sandbox))
     cpus = cfg.cluster.num_cpus or os.cpu_count() or 1
     where = f"cluster.num_cpus={cpus}" if cfg.cluster.num_cpus else f"this machine's {cpus} cores"
     for role, key, group in groups:
@@ -471,6 +476,23 @@ def build_roles(roles: tuple[str, ...], cfg: DictConfig, draft: dict | None = No
             target=r.target,
             kwargs=OmegaConf.to_container(r.kwargs, resolve=True),
         ))
+    if "sandbox" in roles:
+        from qsteer.actors.roles import SandboxGroup
+        from qsteer.actors.sandbox import Sandbox
+
+        b = cfg.sandbox
+        groups["sandbox"] = SandboxGroup(ActorGroup(
+            Sandbox,
+            role="sandbox",
+            replicas=b.replicas,
+            num_cpus=b.num_cpus,
+            num_gpus=0 if b.num_gpus == "auto" else b.num_gpus,
+            max_restarts=b.max_restarts,
+            timeout_s=b.timeout_s,
+            memory_mb=b.memory_mb,
+            max_processes=b.max_processes,
+            workers=b.workers,
+        ), cache_size=b.cache_size)
     return groups
 
 

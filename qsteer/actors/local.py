@@ -13,7 +13,8 @@ from typing import Any
 
 from qsteer.actors.policy import Policy
 from qsteer.actors.reward import Reward
-from qsteer.actors.roles import PolicyGroup, RewardGroup, ValueGroup
+from qsteer.actors.roles import PolicyGroup, RewardGroup, SandboxGroup, ValueGroup
+from qsteer.actors.sandbox import Sandbox
 from qsteer.actors.value import Value
 from qsteer.engines import Engine
 from qsteer.rewards import RewardFn
@@ -66,3 +67,8 @@ def local_value(*values: Any) -> ValueGroup:
 def local_reward(*fns: RewardFn) -> RewardGroup:
     """A reward group with one in-process replica per reward callable."""
     return RewardGroup(LocalReplicas([Reward(fn) for fn in fns]))
+
+
+def local_sandbox(replicas: int = 1, **kwargs: Any) -> SandboxGroup:
+    """A sandbox group with `replicas` in-process `Sandbox` objects (keyword arguments: its limits)."""
+    return SandboxGroup(LocalReplicas([Sandbox(**kwargs) for _ in range(replicas)]))

@@ -10,9 +10,14 @@ workflow without Ray.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Protocol
 
 from qsteer.engines import Completion, SamplingParams
+
+if TYPE_CHECKING:
+    from qsteer.actors.sandbox import Job, Verdict
 
 Scored = tuple[float | None, dict]  # one item's reward (None when it failed) and its info
 
@@ -56,6 +61,12 @@ class PolicyRole(Protocol):
     def head_values(self, prefixes: list[list[int]]) -> list[float]:
         """sum w V(prefix) over the value heads riding on the policy's backbone."""
         ...
+
+
+class SandboxRole(Protocol):
+    """What workflows ask of the sandbox: one verdict per job, faults apart from failures."""
+
+    def run(self, jobs: list[Job]) -> list[Verdict]: ...
 
 
 class RewardRole(Protocol):
@@ -183,3 +194,48 @@ class RewardGroup(_Group):
         columns: dict[str, list[Any]],
     ) -> list[Scored]:
         return self.replicas.run("score", prompts, completions, completion_ids, columns)
+
+
+_CACHED_FAULTS = (None, "timeout", "oom")
+
+
+class SandboxGroup(_Group):
+    """The sandbox role (SandboxRole) over replicas of `actors.sandbox.Sandbox`, with the results cache.
+
+    A call's distinct uncached jobs are split into one chunk per replica and sent at once, so
+    every replica works; verdicts are cached by the job's hash (code, test, entry point), so a
+    candidate met again (the same code from two plans, a PG-TD rollout reached twice) costs
+    nothing. A timeout or memory fault is the program's own under the same limits and is cached;
+    a kill, a judge error or an unavailable sandbox may be the machine's, and is not.
+    """
+
+    def __init__(self, replicas: Replicas, cache_size: int = 100_000) -> None:
+        super().__init__(replicas)
+        self.cache_size = cache_size
+        self.cache: dict[str, Verdict] = {}
+        self.hits = 0
+        self.misses = 0
+        self._lock = threading.Lock()
+
+    def run(self, jobs: list[Job]) -> list[Verdict]:
+        keys = [job.key() for job in jobs]
+        with self._lock:
+            todo = {key: job for key, job in zip(keys, jobs, strict=True) if key not in self.cache}
+            self.hits += len(jobs) - len(todo)
+            self.misses += len(todo)
+        found: dict[str, Verdict] = {}
+        if todo:
+            items = list(todo.items())
+            lanes = max(1, min(len(self.replicas), len(items)))
+            chunks = [items[i::lanes] for i in range(lanes)]
+            with ThreadPoolExecutor(max_workers=lanes) as pool:
+                done = list(pool.map(lambda chunk: self.replicas.run("run", [job for _, job in chunk]), chunks))
+            for chunk, verdicts in zip(chunks, done, strict=True):
+                for (key, _), verdict in zip(chunk, verdicts, strict=True):
+                    found[key] = verdict
+            with self._lock:
+                for key, verdict in found.items():
+                    if verdict.fault in _CACHED_FAULTS and len(self.cache) < self.cache_size:
+                        self.cache[key] = verdict
+        with self._lock:
+            return [found[key] if key in found else self.cache[key] for key in keys]

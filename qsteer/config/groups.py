@@ -1,4 +1,4 @@
-"""The config groups every job has: `model=`, `reward=`, `dataset=`, `cluster=`, `generation=`.
+"""The config groups every job has: `model=`, `reward=`, `sandbox=`, `dataset=`, `cluster=`, `generation=`.
 
 One dataclass per group; its defaults are the group's default option. The roles' shared
 resource keys (`Resources`) are inherited here and, in the YAML, through `defaults:` from
@@ -84,6 +84,30 @@ class RewardConfig(Resources):
                 raise Invalid("target", f"={self.target!r} cannot be imported: {err}") from err
             if not callable(obj):
                 raise Invalid("target", f"={self.target!r} is not callable")
+
+
+@dataclass(frozen=True)
+class SandboxConfig(Resources):
+    """The sandbox pool: actors that run model-written code against tests (CPU only, bubblewrap)."""
+
+    name: Literal["pool"] = "pool"
+    """`pool`: replicas of `actors.sandbox.Sandbox`, each running `workers` samples at a time."""
+    replicas: Annotated[int, Range(1)] = resource(2)
+    """Sandbox actors; each call's jobs are split over them."""
+    num_cpus: Annotated[float, Range(0)] = resource(0.5)
+    """CPUs Ray reserves per sandbox actor (its samples run in bubblewrap processes beside it)."""
+    num_gpus: Annotated[float, Range(0, 1024)] | Literal["auto"] = resource(0)
+    """GPUs Ray reserves per sandbox actor (the sandbox uses none; `auto` means 0)."""
+    workers: Annotated[int, Range(1)] = resource(2)
+    """Samples one actor runs at a time (threads, each waiting on its own bubblewrap process)."""
+    timeout_s: Annotated[float, Range(0, low_open=True)] = 5.0
+    """Wall-clock limit per sample; past it the sample is killed and reported as a `timeout` fault."""
+    memory_mb: Annotated[int, Range(16)] = 512
+    """Address-space limit per sample (RLIMIT_AS); a MemoryError is reported as an `oom` fault."""
+    max_processes: Annotated[int, Range(1)] = 32
+    """RLIMIT_NPROC per sample."""
+    cache_size: Annotated[int, Range(0)] = resource(100_000)
+    """Verdicts kept, keyed by the hash of (code, test, entry point); a repeated pair is not run again."""
 
 
 @dataclass(frozen=True)

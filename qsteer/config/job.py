@@ -28,7 +28,14 @@ from qsteer.config.base import (
     type_hints,
 )
 from qsteer.config.draft import DRAFT_GROUPS, decoding_fields
-from qsteer.config.groups import ClusterConfig, DatasetConfig, GenerationConfig, ModelConfig, RewardConfig
+from qsteer.config.groups import (
+    ClusterConfig,
+    DatasetConfig,
+    GenerationConfig,
+    ModelConfig,
+    RewardConfig,
+    SandboxConfig,
+)
 from qsteer.config.value import ValueConfig
 from qsteer.config.workflows import WORKFLOW_CONFIGS, BestOfNConfig, WorkflowConfig
 
@@ -49,6 +56,8 @@ class JobConfig(Config):
     """The prefix value that guided workflows steer by (workflow=controlled_decoding) and workflow=train_value fits."""
     reward: RewardConfig = field(default_factory=RewardConfig)
     """What scores completions."""
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    """Where the code workflows (plansearch, ideasearch, repeated_sampling, pgtd) run candidates against tests."""
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     """The prompts."""
     cluster: ClusterConfig = resource(default_factory=ClusterConfig)
@@ -70,7 +79,7 @@ class JobConfig(Config):
 
 
 STEP_SEARCHES = ("beam_search", "dvts")  # their steps continue random streams, which only plain decoding does
-GROUPS = ("workflow", "model", "draft", "value", "reward", "dataset", "cluster", "generation")
+GROUPS = ("workflow", "model", "draft", "value", "reward", "sandbox", "dataset", "cluster", "generation")
 
 
 def group_class(group: str, node: Any) -> type:

@@ -153,8 +153,71 @@ class DVTSConfig(StepSearchConfig):
     """DVTS over steps."""
 
 
+@dataclass(frozen=True)
+class RepeatedSamplingConfig(WorkflowConfig):
+    """Repeated sampling for code: `n` programs per problem, asked for directly (PlanSearch's baseline)."""
+
+    name: Literal["repeated_sampling"] = "repeated_sampling"
+    """Code directly, `n` times."""
+    n: Annotated[int, Range(1)] = 8
+    """Programs per problem; each is run against the public tests (selection) and the hidden ones (scoring)."""
+
+
+@dataclass(frozen=True)
+class IdeaSearchConfig(WorkflowConfig):
+    """IdeaSearch: a plain-language sketch, then a program from it, `n` times per problem."""
+
+    name: Literal["ideasearch"] = "ideasearch"
+    """A sketch, then code, `n` times."""
+    n: Annotated[int, Range(1)] = 8
+    """Programs per problem (one sketch each)."""
+
+
+@dataclass(frozen=True)
+class PlanSearchConfig(WorkflowConfig):
+    """PlanSearch (Wang et al., 2024): observations, their subsets, sketches, fixes, pseudocode, code."""
+
+    name: Literal["plansearch"] = "plansearch"
+    """Plan search over natural-language observations."""
+    n: Annotated[int, Range(1)] = 8
+    """Programs per problem, drawn from the observation tree's code slots (round again when n exceeds them)."""
+    num_observations: Annotated[int, Range(1)] = 10
+    """Observations asked for at each expanded node."""
+    max_subset: Annotated[int, Range(0)] = 2
+    """Largest observation subset a child node is given (subsets of size 0..max_subset)."""
+    layers: Annotated[int, Range(1, 2)] = 2
+    """Observation layers: 1 (first-order only) or 2 (also second-order, from each subset)."""
+    without_fix_idea: bool = False
+    """Ablation: no critique-and-fix step (one code slot per tuple instead of two)."""
+    without_pseudocode: bool = False
+    """Ablation: code straight from the sketch."""
+    without_idea: bool = False
+    """Ablation: code straight from the observations (no sketch, fix or pseudocode)."""
+
+
+@dataclass(frozen=True)
+class PGTDConfig(WorkflowConfig):
+    """PG-TD (Zhang et al., 2023): MCTS over tokens, the policy's top-k as expansion, greedy rollouts
+    scored by the share of public tests passed."""
+
+    name: Literal["pgtd"] = "pgtd"
+    """Planning-guided transformer decoding."""
+    rollouts: Annotated[int, Range(1)] = 16
+    """MCTS iterations per problem: each selects, expands and evaluates one node with a greedy rollout."""
+    top_k: Annotated[int, Range(1)] = 3
+    """Children of an expanded node: the policy's k most likely next tokens."""
+    ucb_base: Annotated[float, Range(0, low_open=True)] = 10.0
+    """P-UCB's c_base in beta(s) = log((N(s) + c_base + 1) / c_base) + c."""
+    ucb_constant: Annotated[float, Range(0)] = 4.0
+    """P-UCB's c."""
+
+
 WORKFLOW_CONFIGS: dict[str, type[WorkflowConfig]] = {
     "best_of_n": BestOfNConfig,
+    "repeated_sampling": RepeatedSamplingConfig,
+    "ideasearch": IdeaSearchConfig,
+    "plansearch": PlanSearchConfig,
+    "pgtd": PGTDConfig,
     "sample": SampleConfig,
     "score": ScoreConfig,
     "speculative": SpeculativeWorkflowConfig,

@@ -16,6 +16,10 @@ from qsteer.workflows import (
     best_of_n,
     controlled_decoding,
     dvts,
+    ideasearch,
+    pgtd,
+    plansearch,
+    repeated_sampling,
     sample,
     score,
     speculative,
@@ -42,6 +46,10 @@ WORKFLOWS: dict[str, Workflow] = {
     "train_value": Workflow(train_value.run, ("policy", "reward", "trainer"), finish=train_value.finish),
     "beam_search": Workflow(beam_search.run, ("policy", "reward")),
     "dvts": Workflow(dvts.run, ("policy", "reward")),
+    "repeated_sampling": Workflow(repeated_sampling.run, ("policy", "sandbox")),
+    "ideasearch": Workflow(ideasearch.run, ("policy", "sandbox")),
+    "plansearch": Workflow(plansearch.run, ("policy", "sandbox")),
+    "pgtd": Workflow(pgtd.run, ("policy", "sandbox")),
 }
 
 __all__ = ["WORKFLOWS", "Context", "Workflow"]

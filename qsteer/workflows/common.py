@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from qsteer.actors.roles import PolicyRole, RewardRole, Scored, ValueRole
+from qsteer.actors.roles import PolicyRole, RewardRole, SandboxRole, Scored, ValueRole
 from qsteer.data import prompt_text
 from qsteer.engines import Completion, SamplingParams
 from qsteer.metrics.speculative import sum_spec
@@ -27,12 +27,14 @@ class Context:
     params: SamplingParams
     policy: PolicyRole | None = None
     reward: RewardRole | None = None
+    sandbox: SandboxRole | None = None
     chat: bool = True
     context_length: int = 2048
     value: ValueRole | None = None  # the value= group's value (heads on the policy and/or value actors)
     trainer: Any = None  # a value trainer (workflow=train_value): `fit(...)`, see actors/value.py
     eos_token_ids: list[int] = field(default_factory=list)
     value_config: Any = None  # the value= group (workflow=train_value reads its training keys)
+    stages: Any = None  # a code_search.StageStore: per-problem stage state, so a rerun resumes mid-search
 
 
 @dataclass
