@@ -175,3 +175,48 @@ class TabularValue(nn.Module):
 def all_completions() -> list[tuple[int, ...]]:
     """Every finished completion, in a fixed order."""
     return [s for s in states() if finished(s)]
+
+
+def _row(state: tuple[int, ...]) -> int:
+    return int(_prefix_index(torch.tensor([[BOS, *state]]))[0][0, -1])
+
+
+def completion_law(lm: TabularLM, prefix: tuple[int, ...] = ()) -> dict[tuple[int, ...], float]:
+    """The law of the finished completions that extend `prefix`, given it, by enumeration."""
+    table = lm.table.tolist()
+    law: dict[tuple[int, ...], float] = {}
+
+    def walk(state: tuple[int, ...], prob: float) -> None:
+        if finished(state):
+            law[state] = prob
+            return
+        row = table[_row(state)]
+        for z in range(TOKENS + 1):
+            walk((*state, z), prob * row[z])
+
+    walk(tuple(prefix), 1.0)
+    return law
+
+
+def tilted_lm(lm: TabularLM, reward: TabularLM, beta: float) -> TabularLM:
+    """rho(y | s) ∝ p(y | s) exp(r(y) / beta) as a TabularLM: the policy aligned to `reward.reward`.
+
+    Its next-token law is p(z | s) Z([s, z]) / Z(s) with Z(s) = E_p[exp(r / beta) | s] by backward
+    induction, so rho is the trajectory-level optimum from every state at once (Transfer Q*'s rho*,
+    or an exactly aligned baseline rho_BL). The tilted model keeps `lm`'s reward table.
+    """
+    partition: dict[tuple[int, ...], float] = {}
+    tilted = TabularLM()
+    table = lm.table.clone()
+    for state in sorted(states(), key=len, reverse=True):
+        if finished(state):
+            partition[state] = float(torch.exp(torch.tensor(reward.reward(state) / beta, dtype=torch.float64)))
+            continue
+        probs = lm.next_probs(state)
+        children = torch.tensor([partition[(*state, z)] for z in range(TOKENS + 1)], dtype=torch.float64)
+        mass = probs[: TOKENS + 1] * children
+        partition[state] = float(mass.sum())
+        table[_row(state), : TOKENS + 1] = mass / mass.sum()
+    tilted.table.copy_(table)
+    tilted.reward_table.copy_(lm.reward_table)
+    return tilted
