@@ -65,6 +65,7 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
     retried = results.drop_errors()  # a record that ended in an error is redone, never kept beside its redo
     todo = [r for r in records if r["id"] not in results.done_ids]
     workflow = WORKFLOWS[cfg.workflow.name]
+    needed = workflow.needs(cfg.workflow)
     draft = speculative_config(cfg)
 
     own_roles = roles is None
@@ -77,14 +78,17 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
         if own_roles:
             roles = {}
             if todo and cfg.cluster.address is None:
-                check_local_resources(cfg, workflow.roles, draft)
-            if "policy" in workflow.roles and cfg.cluster.address is None:
+                check_local_resources(cfg, needed, draft)
+            if cfg.cluster.address is None:
                 # Convert the default model once here, not in every replica, and fail before Ray starts.
-                resolve_model_path(cfg.model.path)
+                if "policy" in needed or "baseline_trainer" in needed:
+                    resolve_model_path(cfg.model.path)
+                if "baseline" in needed:
+                    resolve_model_path(cfg.baseline.path)
             started_ray = connect(cfg.cluster)
             previous = _stop_on_sigterm()  # after ray.init, whose own handler would exit at once
             if todo:
-                build_roles(workflow.roles, cfg, draft, into=roles)
+                build_roles(needed, cfg, draft, into=roles)
         ctx = context(cfg, roles, draft, out_dir)  # waits for the policy replicas to load
         ready = time.perf_counter()
         failures = run_batches(workflow, todo, ctx, results, cfg, total=len(records))
@@ -92,7 +96,8 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
             trained = workflow.finish(results.read(), ctx)
             write_folder(out_dir / "value", trained["files"])
         finished = time.perf_counter()
-        replica_calls = [info["calls"] for info in ctx.policy.info()] if ctx.policy is not None else []
+        loop = ctx.policy if ctx.policy is not None else ctx.baseline
+        replica_calls = [info["calls"] for info in loop.info()] if loop is not None else []
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM through the CLI's handler: keep what finished
         stopped = err
         _ignore_signals()  # a second Ctrl-C must not cut the cleanup short and orphan Ray's processes
@@ -220,6 +225,23 @@ def check_job(cfg: DictConfig, records: list[dict]) -> None:
             resolve_model_path(reward_model)
         except ModelNotFoundError as err:
             raise ConfigError(str(err).replace("model.path=", "reward.kwargs.model_path=", 1)) from None
+    if cfg.workflow.name in ("transfer_qstar", "args") and cfg.generation.top_p < 1:
+        raise ConfigError(f"workflow={cfg.workflow.name} samples over workflow.top_k candidates; "
+                          f"generation.top_p={cfg.generation.top_p} does not apply (set generation.top_p=1)")
+    if cfg.workflow.name in ("transfer_qstar", "args") and cfg.generation.speculative:
+        raise ConfigError(f"workflow={cfg.workflow.name} runs the guided loop, which does not decode "
+                          "speculatively (set generation.speculative=false)")
+    if cfg.workflow.name in ("transfer_qstar", "args"):
+        on_baseline = OmegaConf.select(cfg, "workflow.logit_model", default="policy") == "baseline"
+        key, engine = ("baseline.engine", cfg.baseline.engine) if on_baseline else ("model.engine", cfg.model.engine)
+        if engine != "hf":
+            raise ConfigError(f"{key}={engine}: workflow={cfg.workflow.name} runs the token-wise guided loop on "
+                              f"this model, which runs on the hf engine (set {key}=hf)")
+    if cfg.baseline.path != "default" and "baseline" in WORKFLOWS[cfg.workflow.name].needs(cfg.workflow):
+        try:
+            resolve_model_path(cfg.baseline.path)
+        except ModelNotFoundError as err:
+            raise ConfigError(str(err).replace("model.path=", "baseline.path=", 1)) from None
     if "policy" in WORKFLOWS[cfg.workflow.name].roles and cfg.model.engine == "hf" and cfg.model.engine_kwargs:
         import inspect
 
@@ -282,7 +304,7 @@ def value_terms(cfg: DictConfig) -> tuple[list[tuple[str, float]], list[tuple[st
 
 
 def context(cfg: DictConfig, roles: dict[str, Any], draft: dict | None, out_dir: Path | None = None) -> Context:
-    policy = roles.get("policy")
+    policy = roles.get("policy") or roles.get("baseline")  # the model the loop runs on
     info = policy.info()[0] if policy is not None else {}
     return Context(
         workflow=cfg.workflow,
@@ -295,10 +317,15 @@ def context(cfg: DictConfig, roles: dict[str, Any], draft: dict | None, out_dir:
             seed=cfg.seed,
             speculative=draft,
         ),
-        policy=policy,
+        policy=roles.get("policy"),
         reward=roles.get("reward"),
         sandbox=roles.get("sandbox"),
         stages=None if out_dir is None else StageStore(Path(out_dir) / "stages"),
+        baseline=roles.get("baseline"),
+        baseline_reward=roles.get("baseline_reward"),
+        baseline_trainer=roles.get("baseline_trainer"),
+        run_dir=None if out_dir is None else str(out_dir),
+        reward_name=cfg.reward.target or cfg.reward.name,
         chat=bool(cfg.model.chat_template),
         value=roles.get("value"),
         trainer=roles.get("trainer"),
@@ -313,9 +340,11 @@ def run_batches(workflow: Workflow, todo: list[dict], ctx: Context, results: Res
     """Run the workflow over batches, appending records as each batch finishes; the failed batches."""
     from tqdm import tqdm
 
-    batches = [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
+    size = max(1, len(todo)) if workflow.whole_dataset else cfg.batch_size
+    batches = [todo[i : i + size] for i in range(0, len(todo), size)]
     failures: list[str] = []
-    lanes = len(ctx.policy) if ctx.policy is not None else len(ctx.reward) if ctx.reward is not None else 1
+    loop = ctx.policy if ctx.policy is not None else ctx.baseline
+    lanes = len(loop) if loop is not None else len(ctx.reward) if ctx.reward is not None else 1
     bar = tqdm(total=total, initial=total - len(todo), desc=cfg.workflow.name, unit="prompt",
                disable=not cfg.progress, file=sys.stderr)
     # One thread per replica keeps every replica busy; records are written as batches finish.
@@ -359,6 +388,12 @@ def check_local_resources(cfg: DictConfig, roles: tuple[str, ...], draft: dict |
         groups.append(("trainer", "value", SimpleNamespace(replicas=1, num_cpus=v.num_cpus, num_gpus=v.num_gpus)))
     if "sandbox" in roles:
         groups.append(("sandbox", "sandbox", cfg.sandbox))
+    if "baseline" in roles:
+        groups.append(("baseline", "baseline", cfg.baseline))
+    if "baseline_reward" in roles:
+        groups.append(("baseline reward", "baseline.reward", cfg.baseline.reward))
+    if "baseline_trainer" in roles:
+        groups.append(("baseline trainer", "model", cfg.model))
     cpus = cfg.cluster.num_cpus or os.cpu_count() or 1
     where = f"cluster.num_cpus={cpus}" if cfg.cluster.num_cpus else f"this machine's {cpus} cores"
     for role, key, group in groups:
@@ -416,11 +451,12 @@ def build_roles(roles: tuple[str, ...], cfg: DictConfig, draft: dict | None = No
     from qsteer.actors.group import ActorGroup, attach_drafts
     from qsteer.actors.policy import PolicyActor
     from qsteer.actors.reward import RewardActor
-    from qsteer.actors.roles import PolicyGroup, RewardGroup, ValueSum
+    from qsteer.actors.roles import BaselineTrainerGroup, PolicyGroup, RewardGroup, ValueSum
 
     groups: dict[str, Any] = {} if into is None else into
     has_gpu = ray.cluster_resources().get("GPU", 0) > 0
     heads, separate = value_terms(cfg) if "value" in roles else ([], [])
+    threads_shared = sum(1 for role in ("policy", "baseline") if role in roles)
     if "policy" in roles:
         m = cfg.model
         engine_kwargs = OmegaConf.to_container(m.engine_kwargs, resolve=True)
@@ -432,7 +468,7 @@ def build_roles(roles: tuple[str, ...], cfg: DictConfig, draft: dict | None = No
         num_gpus = (1 if own_gpu else 0) if m.num_gpus == "auto" else m.num_gpus
         threads = m.num_threads
         if threads is None and cfg.cluster.address is None and not num_gpus:
-            threads = max(1, (os.cpu_count() or 1) // m.replicas)
+            threads = max(1, (os.cpu_count() or 1) // (m.replicas * threads_shared))
         policy = ActorGroup(
             PolicyActor,
             role="model",
@@ -463,11 +499,24 @@ def build_roles(roles: tuple[str, ...], cfg: DictConfig, draft: dict | None = No
         groups["value"] = ValueSum(groups["policy"], None)
     if "trainer" in roles:
         groups["trainer"] = build_trainer_group(cfg, has_gpu)
-    if "reward" in roles:
-        r = cfg.reward
-        groups["reward"] = RewardGroup(ActorGroup(
+    if "baseline" in roles:
+        b = cfg.baseline
+        num_gpus = (1 if has_gpu else 0) if b.num_gpus == "auto" else b.num_gpus
+        threads = b.num_threads
+        if threads is None and cfg.cluster.address is None and not num_gpus:
+            threads = max(1, (os.cpu_count() or 1) // (b.replicas * threads_shared))
+        groups["baseline"] = PolicyGroup(ActorGroup(
+            PolicyActor, role="baseline", replicas=b.replicas, num_cpus=b.num_cpus, num_gpus=num_gpus,
+            max_restarts=b.max_restarts, engine=b.engine, num_threads=threads, path=b.path, dtype=b.dtype,
+            device=b.device, max_batch_rows=b.max_batch_rows, chat_template=cfg.model.chat_template,
+            **OmegaConf.to_container(b.engine_kwargs, resolve=True),
+        ))
+    for role, r in (("reward", cfg.reward), ("baseline_reward", cfg.baseline.reward)):
+        if role not in roles:
+            continue
+        groups[role] = RewardGroup(ActorGroup(
             RewardActor,
-            role="reward",
+            role=role,
             replicas=r.replicas,
             num_cpus=r.num_cpus,
             num_gpus=r.num_gpus,
@@ -493,6 +542,17 @@ def build_roles(roles: tuple[str, ...], cfg: DictConfig, draft: dict | None = No
             max_processes=b.max_processes,
             workers=b.workers,
         ), cache_size=b.cache_size)
+    if "baseline_trainer" in roles:
+        from qsteer.actors.baseline_trainer import BaselineTrainer
+
+        m = cfg.model
+        num_gpus = (1 if has_gpu else 0) if m.num_gpus == "auto" else m.num_gpus
+        groups["baseline_trainer"] = ActorGroup(
+            BaselineTrainer, role="baseline_trainer", replicas=1, num_cpus=m.num_cpus, num_gpus=num_gpus, max_restarts=0,
+            model_path=m.path, chat_template=m.chat_template,
+            num_threads=m.num_threads or (None if num_gpus else os.cpu_count()), dtype=m.dtype, device=m.device,
+        )
+        groups["baseline_trainer"] = BaselineTrainerGroup(groups["baseline_trainer"])
     return groups
 
 

@@ -46,6 +46,16 @@ class ActorGroup:
     def __len__(self) -> int:
         return len(self.actors)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A group crosses to another actor (a Transfer Q* scorer inside a policy actor calls the
+        # baseline and reward groups): the handles travel, the local bookkeeping starts afresh.
+        return {"role": self.role, "actors": self.actors}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.role, self.actors = state["role"], state["actors"]
+        self._in_flight = [[] for _ in self.actors]
+        self._lock = threading.Lock()
+
     def call(self, method: str, *args: Any, **kwargs: Any) -> ray.ObjectRef:
         """Send one call to the replica with the fewest calls still running."""
         with self._lock:

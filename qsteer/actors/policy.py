@@ -7,16 +7,31 @@ Value-guided decoding: heads on the policy's own backbone are loaded here (`load
 so a Q-head's values come from the guided loop's own forward; values in value actors are
 attached (`attach_value`: a `ValueFunction`, or Ray handles wrapped in `RemoteValue`). Both
 become one `TokenScorer` that `generate_guided` hands down to the engine's guided loop.
+
+The baseline role (Transfer Q*'s aligned model, `baseline=`) is the same class built from the
+baseline's path: its `rollouts` continue many contexts at once and return their texts.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from qsteer.decoding import draft_config
 from qsteer.decoding.guided import PolicyHeadScorer, TokenScorer, ValueFunctionScorer, WeightedScorers
 from qsteer.engines import Completion, Engine, SamplingParams, build_engine
+
+
+@dataclass
+class Rollout:
+    """One continuation of a context: its new tokens, the text of the context from `start` on plus
+    those tokens, and their summed log-probability under the model that drew them."""
+
+    token_ids: list[int]
+    text: str
+    logprob: float
+    finish_reason: str
 
 
 class Policy:
@@ -111,10 +126,25 @@ class Policy:
         return parts[0][0] if len(parts) == 1 and parts[0][1] == 1.0 else WeightedScorers(parts)
 
     def generate_guided(self, prompt_ids: list[list[int]], params: SamplingParams, keys: list[str],
-                        alpha: float) -> list[list[Completion]]:
-        """`params.n` completions per prompt from p exp(alpha V)/Z over the top `params.top_k` (tokenwise CD)."""
+                        alpha: float, scorer: Any = None) -> list[list[Completion]]:
+        """`params.n` completions per prompt from p exp(alpha score)/Z over the top `params.top_k`.
+
+        The score is `scorer`'s when given (Transfer Q*, ARGS: `actors.scorers`), else the values this
+        policy holds (tokenwise CD). A scorer with `bind` gets this policy first (to decode text, or to
+        roll out on this very model); one with `row_stats` adds each row's own costs to its
+        completion's `guided` record.
+        """
         self.calls += 1
-        return self.engine.generate_guided(prompt_ids, params, keys, self.scorer(), alpha)
+        if scorer is None:
+            return self.engine.generate_guided(prompt_ids, params, keys, self.scorer(), alpha)
+        if hasattr(scorer, "bind"):
+            scorer.bind(self)
+        out = self.engine.generate_guided(prompt_ids, params, keys, scorer, alpha)
+        if hasattr(scorer, "row_stats"):
+            for key, completions in zip(keys, out, strict=True):
+                for index, completion in enumerate(completions):
+                    completion.guided = {**(completion.guided or {}), **scorer.row_stats(key, index)}
+        return out
 
     def head_values(self, prefixes: list[list[int]]) -> list[float]:
         """sum_i w_i V_i(prefix) over the heads on this policy (blockwise CD's candidate scores)."""
@@ -126,6 +156,26 @@ class Policy:
             values = ValueScorer(model, pad_id=self.engine.pad_id).values(prefixes)
             total = [t + weight * v for t, v in zip(total, values, strict=True)]
         return total
+
+    def rollouts(self, contexts: list[list[int]], starts: list[int], params: SamplingParams,
+                 keys: list[str]) -> list[list[Rollout]]:
+        """`params.n` continuations of each context, all in one engine call (the engine shares each
+        context's prefill among its n rows). A context already ending in EOS is finished: its n
+        rollouts are empty. Texts are decoded from `starts[i]` on (the completion so far)."""
+        self.calls += 1
+        eos = set(self.engine.eos_token_ids)
+        live = [i for i, ids in enumerate(contexts) if not (ids and ids[-1] in eos)]
+        outs = self.engine.generate([contexts[i] for i in live], params, [keys[i] for i in live]) if live else []
+        by_context: dict[int, list[Completion]] = dict(zip(live, outs, strict=True))
+        result = []
+        for i, context in enumerate(contexts):
+            head = context[starts[i]:]
+            if i not in by_context:
+                result.append([Rollout([], self.engine.decode(head), 0.0, "stop")] * params.n)
+                continue
+            result.append([Rollout(c.token_ids, self.engine.decode(head + c.token_ids), float(sum(c.logprobs)),
+                                   c.finish_reason) for c in by_context[i]])
+        return result
 
     def topk_next(self, prefixes: list[list[int]], k: int) -> list[list[tuple[int, float]]]:
         self.calls += 1

@@ -14,6 +14,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol
 
+from qsteer.actors.policy import Rollout
 from qsteer.engines import Completion, SamplingParams
 
 if TYPE_CHECKING:
@@ -54,12 +55,18 @@ class PolicyRole(Protocol):
     def topk_next(self, prefixes: list[list[int]], k: int) -> list[list[tuple[int, float]]]: ...
 
     def generate_guided(self, prompt_ids: list[list[int]], params: SamplingParams, keys: list[str],
-                        alpha: float) -> list[list[Completion]]:
-        """Tokenwise controlled decoding with the values the policy holds or is attached to."""
+                        alpha: float, scorer: Any = None) -> list[list[Completion]]:
+        """Token-wise guided decoding: by `scorer` (a `decoding.guided.TokenScorer`: Transfer Q*, ARGS)
+        when given, else by the values the policy holds or is attached to (tokenwise CD)."""
         ...
 
     def head_values(self, prefixes: list[list[int]]) -> list[float]:
         """sum w V(prefix) over the value heads riding on the policy's backbone."""
+        ...
+
+    def rollouts(self, contexts: list[list[int]], starts: list[int], params: SamplingParams,
+                 keys: list[str]) -> list[list[Rollout]]:
+        """`params.n` continuations of every context in one call, with their texts (the baseline role)."""
         ...
 
 
@@ -125,8 +132,13 @@ class PolicyGroup(_Group):
         return self.replicas.run("topk_next", prefixes, k)
 
     def generate_guided(self, prompt_ids: list[list[int]], params: SamplingParams, keys: list[str],
-                        alpha: float) -> list[list[Completion]]:
-        return self.replicas.run("generate_guided", prompt_ids, params, keys, alpha)
+                        alpha: float, scorer: Any = None) -> list[list[Completion]]:
+        return self.replicas.run("generate_guided", prompt_ids, params, keys, alpha, scorer)
+
+    def rollouts(self, contexts: list[list[int]], starts: list[int], params: SamplingParams,
+                 keys: list[str]) -> list[list[Rollout]]:
+        """`params.n` continuations of every context in one call, with their texts (the baseline role)."""
+        return self.replicas.run("rollouts", contexts, starts, params, keys)
 
     def head_values(self, prefixes: list[list[int]]) -> list[float]:
         return self.replicas.run("head_values", prefixes)
@@ -181,6 +193,10 @@ class ValueSum:
     def shutdown(self) -> None:
         if self.group is not None:  # the policy group is shut down as the policy role
             self.group.shutdown()
+
+
+# The baseline role (Transfer Q*'s aligned model) is a policy built from another path.
+BaselineGroup = PolicyGroup
 
 
 class RewardGroup(_Group):
@@ -239,3 +255,17 @@ class SandboxGroup(_Group):
                         self.cache[key] = verdict
         with self._lock:
             return [found[key] if key in found else self.cache[key] for key in keys]
+
+
+class BaselineTrainerGroup(_Group):
+    """The baseline trainer (`actors.baseline_trainer.BaselineTrainer`): DPO, then samples from the result."""
+
+    def align_dpo(self, pairs: list, out_dir: str, settings: dict[str, Any]) -> dict[str, Any]:
+        return self.replicas.run("align_dpo", pairs, out_dir, settings)
+
+    def generate(self, model_dir: str, prompt_ids: list[list[int]], params: SamplingParams,
+                 keys: list[str]) -> list[list[Completion]]:
+        return self.replicas.run("generate", model_dir, prompt_ids, params, keys)
+
+    def write_card(self, out_dir: str, card: dict[str, Any]) -> None:
+        self.replicas.run("write_card", out_dir, card)

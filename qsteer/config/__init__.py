@@ -8,6 +8,7 @@ starts; `qsteer --help` and the README's config table are generated from the sam
 from qsteer.config.base import ConfigError, Invalid, Range, resource
 from qsteer.config.draft import DRAFT_CONFIGS, DRAFT_GROUPS
 from qsteer.config.groups import (
+    BaselineConfig,
     ClusterConfig,
     DatasetConfig,
     GenerationConfig,
@@ -28,6 +29,7 @@ from qsteer.config.value import ValueConfig, ValueTermConfig
 from qsteer.config.workflows import WORKFLOW_CONFIGS, WorkflowConfig
 
 __all__ = [
+    "BaselineConfig",
     "DRAFT_CONFIGS",
     "DRAFT_GROUPS",
     "GROUPS",

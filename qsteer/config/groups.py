@@ -1,4 +1,4 @@
-"""The config groups every job has: `model=`, `reward=`, `sandbox=`, `dataset=`, `cluster=`, `generation=`.
+"""The config groups every job has: `model=`, `reward=`, `sandbox=`, `baseline=`, `dataset=`, `cluster=`, `generation=`.
 
 One dataclass per group; its defaults are the group's default option. The roles' shared
 resource keys (`Resources`) are inherited here and, in the YAML, through `defaults:` from
@@ -108,6 +108,39 @@ class SandboxConfig(Resources):
     """RLIMIT_NPROC per sample."""
     cache_size: Annotated[int, Range(0)] = resource(100_000)
     """Verdicts kept, keyed by the hash of (code, test, entry point); a repeated pair is not run again."""
+
+
+@dataclass(frozen=True)
+class BaselineRewardConfig(RewardConfig):
+    """The reward the baseline was aligned to (r_BL): Transfer Q*'s indirect transfer scores every rollout
+    with it too, in its own reward actors."""
+
+
+@dataclass(frozen=True)
+class BaselineConfig(Resources):
+    """The baseline (Transfer Q*'s rho_BL): an already aligned model whose rollouts estimate Q*, in its own
+    actors. `qsteer workflow=align_baseline` makes one (a DPO model) inside its run folder."""
+
+    name: str = "reference"
+    """A label for the baseline in reports."""
+    path: Annotated[str, NonEmpty()] = "default"
+    """A local folder (e.g. the `baseline/` folder of an align_baseline run) or a hub id; `default`: the
+    shipped SmolLM2-135M-Instruct, i.e. the reference itself (direct transfer then estimates the
+    reference's own Q, controlled decoding's value). Its tokenizer must be the policy's."""
+    engine: Literal["hf", "vllm"] = "hf"
+    """`hf` or `vllm`, as for the policy."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = "auto"
+    """`auto`: bfloat16 on CUDA, float32 on CPU."""
+    device: str = "auto"
+    """`auto` picks CUDA when present (hf only)."""
+    max_batch_rows: Annotated[int, Range(1)] = resource(256)
+    """hf: rollouts decoded together inside one engine call; vllm: requests per `LLM.generate` call."""
+    num_threads: Annotated[int, Range(1)] | None = resource(None)
+    """hf: torch threads per replica; null: the node's cores shared by the replicas."""
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Passed to the engine as is (vllm: keyword arguments of `vllm.LLM`)."""
+    reward: BaselineRewardConfig = field(default_factory=BaselineRewardConfig)
+    """The reward the baseline was aligned to, r_BL (indirect transfer only)."""
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from qsteer.config.base import (
 )
 from qsteer.config.draft import DRAFT_GROUPS, decoding_fields
 from qsteer.config.groups import (
+    BaselineConfig,
     ClusterConfig,
     DatasetConfig,
     GenerationConfig,
@@ -58,6 +59,8 @@ class JobConfig(Config):
     """What scores completions."""
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     """Where the code workflows (plansearch, ideasearch, repeated_sampling, pgtd) run candidates against tests."""
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    """An aligned baseline model whose rollouts Transfer Q* uses (workflow=transfer_qstar)."""
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     """The prompts."""
     cluster: ClusterConfig = resource(default_factory=ClusterConfig)
@@ -79,7 +82,8 @@ class JobConfig(Config):
 
 
 STEP_SEARCHES = ("beam_search", "dvts")  # their steps continue random streams, which only plain decoding does
-GROUPS = ("workflow", "model", "draft", "value", "reward", "sandbox", "dataset", "cluster", "generation")
+GROUPS = ("workflow", "model", "draft", "value", "reward", "sandbox", "baseline", "dataset", "cluster",
+          "generation")
 
 
 def group_class(group: str, node: Any) -> type:

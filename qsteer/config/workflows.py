@@ -212,6 +212,92 @@ class PGTDConfig(WorkflowConfig):
     """P-UCB's c."""
 
 
+@dataclass(frozen=True)
+class TransferQStarConfig(WorkflowConfig):
+    """Transfer Q* (Chakraborty et al., 2024): each step samples pi(z|s) exp(alpha Q*(s, z)) over the top-k,
+    Q* estimated from the `baseline=` model's rollouts scored by the reward (docs/tqstar.md)."""
+
+    name: Literal["transfer_qstar"] = "transfer_qstar"
+    """Transfer Q*."""
+    alpha: Annotated[float, Range(0)] = 1.0
+    """The decoding alignment strength (the reference code's `rm_weight`); 0 decodes the logit model itself."""
+    top_k: Annotated[int, Range(1)] = 10
+    """Candidate next tokens per step, the logit model's top-k (reference: 10)."""
+    rollout_tokens: Annotated[int, Range(1)] = 20
+    """L: tokens per rollout after each candidate (reference: 20 direct, 5 indirect); rollouts stop at EOS."""
+    rollouts: Annotated[int, Range(1)] = 1
+    """m: rollouts per candidate (reference: 1). With `rollout_sampling: greedy` it must be 1."""
+    transfer: Literal["direct", "indirect"] = "direct"
+    """`direct`: the baseline is aligned to the target reward, Q = mean rollout reward; `indirect`: it is
+    aligned to `baseline.reward`, and importance weights exp((r - r_BL)/beta) correct for it."""
+    estimator: Literal["normalized", "reference"] = "normalized"
+    """Indirect transfer: `normalized`, self-normalised weights (consistent in m); `reference`, the reference
+    code's unnormalised score w * r (biased between candidates; recorded as such)."""
+    beta: Annotated[float, Range(0, low_open=True)] = 2.0
+    """beta of the weights exp((r - r_BL)/beta) (reference: 1/beta = 0.5)."""
+    rollout_sampling: Literal["greedy", "sample"] = "greedy"
+    """How the baseline rolls out: `greedy` (the reference code's generate default) or `sample` (the paper)."""
+    logit_model: Literal["policy", "baseline"] = "policy"
+    """Whose logits give the candidates and log p: `policy` (the paper: the reference) or `baseline` (the
+    reference code: the aligned model)."""
+    greedy: bool = True
+    """true: the argmax of log p + alpha Q (the reference's default); false: sample the guided law."""
+    n: Annotated[int, Range(1)] = 1
+    """Completions per prompt (sampled mode: each with its own stream); the first is the output."""
+
+    def check(self) -> None:
+        if self.rollout_sampling == "greedy" and self.rollouts > 1:
+            raise Invalid("rollouts", f"={self.rollouts} with rollout_sampling=greedy would give {self.rollouts} "
+                          "identical rollouts; set rollouts=1 or rollout_sampling=sample")
+        if self.greedy and self.n > 1:
+            raise Invalid("n", f"={self.n} with greedy=true would give identical completions; set greedy=false")
+
+
+@dataclass(frozen=True)
+class ArgsConfig(WorkflowConfig):
+    """ARGS (Khanov et al., 2024): each step scores the top-k candidates by log p + alpha r(partial text)."""
+
+    name: Literal["args"] = "args"
+    """ARGS."""
+    alpha: Annotated[float, Range(0)] = 1.0
+    """The reward weight w (reference: 1.0 in its README, 1.5 in its released outputs); 0 is the policy."""
+    top_k: Annotated[int, Range(1)] = 10
+    """Candidate next tokens per step (reference: 10)."""
+    greedy: bool = True
+    """true: ARGS-greedy (argmax); false: ARGS-stochastic (sample softmax(log p + alpha r))."""
+    n: Annotated[int, Range(1)] = 1
+    """Completions per prompt (stochastic mode); the first is the output."""
+
+    def check(self) -> None:
+        if self.greedy and self.n > 1:
+            raise Invalid("n", f"={self.n} with greedy=true would give identical completions; set greedy=false")
+
+
+@dataclass(frozen=True)
+class AlignBaselineConfig(WorkflowConfig):
+    """Make a baseline for Transfer Q*: sample pairs from the policy, rank them by the reward, train by
+    TRL's DPO; writes `baseline/` (a transformers folder) and its card into the run folder."""
+
+    name: Literal["align_baseline"] = "align_baseline"
+    """Baseline alignment by DPO."""
+    n: Annotated[int, Range(2)] = 4
+    """Samples per prompt; the best and the worst by reward form the prompt's pair."""
+    min_margin: Annotated[float, Range(0)] = 0.05
+    """A prompt whose best and worst rewards differ by less gives no pair."""
+    beta: Annotated[float, Range(0, low_open=True)] = 0.1
+    """DPO's beta (TRL `DPOConfig.beta`)."""
+    learning_rate: Annotated[float, Range(0, low_open=True)] = 5e-6
+    """AdamW learning rate."""
+    epochs: Annotated[float, Range(0, low_open=True)] = 1.0
+    """Passes over the pairs."""
+    batch_size: Annotated[int, Range(1)] = 8
+    """Pairs per optimiser step."""
+    max_length: Annotated[int, Range(8)] = 256
+    """Prompt plus completion tokens kept per example."""
+    eval_n: Annotated[int, Range(1)] = 2
+    """Samples per prompt from the trained model for the card's reward after (seeded as the pairs were)."""
+
+
 WORKFLOW_CONFIGS: dict[str, type[WorkflowConfig]] = {
     "best_of_n": BestOfNConfig,
     "repeated_sampling": RepeatedSamplingConfig,
@@ -225,4 +311,7 @@ WORKFLOW_CONFIGS: dict[str, type[WorkflowConfig]] = {
     "train_value": TrainValueConfig,
     "beam_search": BeamSearchConfig,
     "dvts": DVTSConfig,
+    "transfer_qstar": TransferQStarConfig,
+    "args": ArgsConfig,
+    "align_baseline": AlignBaselineConfig,
 }

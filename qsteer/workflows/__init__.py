@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from qsteer.workflows import (
+    align_baseline,
+    args,
     beam_search,
     best_of_n,
     controlled_decoding,
@@ -24,6 +26,7 @@ from qsteer.workflows import (
     score,
     speculative,
     train_value,
+    transfer_qstar,
 )
 from qsteer.workflows.common import Context
 
@@ -35,6 +38,19 @@ class Workflow:
     # after every batch: over all records of the run folder, returns {"card", "files"} that the
     # orchestrator writes into the run folder (workflow=train_value's checkpoint)
     finish: Callable[[list[dict], Context], dict[str, Any]] | None = None
+    whole_dataset: bool = False  # one call over every prompt (a training job), not one per batch
+    uses: Callable[[Any], tuple[str, ...]] | None = None  # the roles a given workflow config needs, if fewer
+
+    def needs(self, workflow_cfg: Any) -> tuple[str, ...]:
+        """The roles to build for this workflow config."""
+        return self.roles if self.uses is None else self.uses(workflow_cfg)
+
+
+def _transfer_qstar_roles(wf: Any) -> tuple[str, ...]:
+    roles = ("baseline", "reward")
+    if wf.logit_model == "policy":
+        roles = ("policy", *roles)
+    return (*roles, "baseline_reward") if wf.transfer == "indirect" else roles
 
 
 WORKFLOWS: dict[str, Workflow] = {
@@ -50,6 +66,11 @@ WORKFLOWS: dict[str, Workflow] = {
     "ideasearch": Workflow(ideasearch.run, ("policy", "sandbox")),
     "plansearch": Workflow(plansearch.run, ("policy", "sandbox")),
     "pgtd": Workflow(pgtd.run, ("policy", "sandbox")),
+    "transfer_qstar": Workflow(transfer_qstar.run, ("policy", "baseline", "reward", "baseline_reward"),
+                               uses=_transfer_qstar_roles),
+    "args": Workflow(args.run, ("policy", "reward")),
+    "align_baseline": Workflow(align_baseline.run, ("policy", "reward", "baseline_trainer"),
+                               whole_dataset=True),
 }
 
 __all__ = ["WORKFLOWS", "Context", "Workflow"]

@@ -35,6 +35,11 @@ class Context:
     eos_token_ids: list[int] = field(default_factory=list)
     value_config: Any = None  # the value= group (workflow=train_value reads its training keys)
     stages: Any = None  # a code_search.StageStore: per-problem stage state, so a rerun resumes mid-search
+    baseline: PolicyRole | None = None  # Transfer Q*'s aligned model (`baseline=`)
+    baseline_reward: RewardRole | None = None  # the reward it was aligned to (`baseline.reward`)
+    baseline_trainer: Any = None  # workflow=align_baseline's DPO trainer (`actors.baseline_trainer`)
+    run_dir: str | None = None  # the run folder, for workflows that write files (a trained model)
+    reward_name: str | None = None  # the reward's label (`reward.name`, or its target), for cards
 
 
 @dataclass
@@ -54,11 +59,14 @@ class Stats:
         }
 
 
-def encode(records: list[dict], ctx: Context) -> tuple[list[list[int]], list[str | None]]:
-    """Each record's prompt as the policy's token ids, and an error for a prompt it cannot take."""
-    assert ctx.policy is not None
+def encode(records: list[dict], ctx: Context, model: PolicyRole | None = None
+           ) -> tuple[list[list[int]], list[str | None]]:
+    """Each record's prompt as the token ids of `model` (default: the policy), and an error for a prompt
+    it cannot take."""
+    model = model if model is not None else ctx.policy
+    assert model is not None
     prompts = [r.get("messages") or r["prompt"] for r in records]
-    prompt_ids = ctx.policy.encode(prompts, ctx.chat)
+    prompt_ids = model.encode(prompts, ctx.chat)
     errors: list[str | None] = [
         "prompt is empty" if not ids
         else f"prompt has {len(ids)} tokens, at or over the model's context length {ctx.context_length}"
@@ -86,6 +94,11 @@ def generate(
             results[i] = completions
             stats.prompt_tokens[str(records[i]["id"])] = len(prompt_ids[i])
     return results, errors
+
+
+def columns_of(record: dict) -> dict[str, Any]:
+    """The record's fields a reward gets as dataset columns (all but the prompt)."""
+    return {k: v for k, v in record.items() if k not in _SKIP_COLUMNS}
 
 
 def score(
