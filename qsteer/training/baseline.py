@@ -68,7 +68,7 @@ def align_dpo(model_path: str, pairs: list[Pair], out_dir: str | Path, *, beta: 
         output_dir=str(work / "trainer"), per_device_train_batch_size=batch_size, num_train_epochs=epochs,
         learning_rate=learning_rate, beta=beta, max_length=max_length, logging_steps=1, save_strategy="no",
         report_to=[], seed=seed, use_cpu=not torch.cuda.is_available(), bf16=False, disable_dropout=True,
-        lr_scheduler_type="constant",
+        lr_scheduler_type="constant", disable_tqdm=True,
     )
     data = Dataset.from_list([_conversation(p, chat) for p in pairs])
     trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
@@ -79,6 +79,7 @@ def align_dpo(model_path: str, pairs: list[Pair], out_dir: str | Path, *, beta: 
     margins = [round(float(e["rewards/margins"]), 6) for e in log if "rewards/margins" in e]
     trainer.save_model(str(work / "model"))
     tokenizer.save_pretrained(str(work / "model"))
+    (work / "model" / "training_args.bin").unlink(missing_ok=True)  # a pickle: the card holds the settings
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(work / "model", out_dir)
     shutil.rmtree(work, ignore_errors=True)
