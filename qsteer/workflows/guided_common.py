@@ -40,7 +40,7 @@ def run_guided(records: list[dict], ctx: Context, loop: PolicyRole, make_scorer:
         keys = [str(records[i]["id"]) for i in ok]
         infos = {key: PromptInfo(len(prompt_ids[i]), prompt_text(records[i]), columns_of(records[i]))
                  for key, i in zip(keys, ok, strict=True)}
-        outs = loop.generate_guided([prompt_ids[i] for i in ok], params, keys, make_scorer(infos), alpha)
+        outs = loop.generate_guided([prompt_ids[i] for i in ok], params, keys, alpha, scorer=make_scorer(infos))
         stats.policy_calls += 1
         for i, comps in zip(ok, outs, strict=True):
             completions[i] = comps
