@@ -136,8 +136,15 @@ def test_args_scores_exactly_prefix_plus_candidate(run, prompts, engines):
     assert outputs(one) == outputs(greedy)  # k = 1 is greedy for any weight
 
 
-def test_bad_settings_are_refused_by_key(compose):
+def test_bad_settings_are_refused_by_key(compose, tmp_path):
     from qsteer.config import ConfigError, check_config
+    from qsteer.run import run_job
+
+    with pytest.raises(ConfigError, match="baseline.path="):  # before Ray or any model starts
+        run_job(compose("workflow=transfer_qstar", f"baseline.path={tmp_path / 'nowhere'}"), tmp_path / "run")
+    with pytest.raises(ConfigError, match="baseline.engine=vllm"):
+        run_job(compose("workflow=transfer_qstar", "workflow.logit_model=baseline", "baseline.engine=vllm"),
+                tmp_path / "run")
 
     with pytest.raises(ConfigError, match="workflow.rollouts"):
         check_config(compose("workflow=transfer_qstar", "workflow.rollouts=4"))
