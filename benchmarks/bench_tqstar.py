@@ -77,8 +77,9 @@ def run_variant(name: str, records: list[dict], policy, baseline, reward, cfg, l
     from qsteer.run import context
     from qsteer.workflows import WORKFLOWS
 
-    source = PerCandidate(baseline) if name == "per_candidate" else baseline
-    roles = {"policy": policy, "reward": Timed(reward, log, "reward"), "baseline": Timed(source, log, "baseline")}
+    timed = Timed(baseline, log, "baseline")  # inside the splitter, so every rollout call is counted
+    roles = {"policy": policy, "reward": Timed(reward, log, "reward"),
+             "baseline": PerCandidate(timed) if name == "per_candidate" else timed}
     ctx = context(cfg, roles, None)
     started = time.perf_counter()
     batches = [records] if name == "batched" else [[r] for r in records]
