@@ -509,6 +509,7 @@ def build_roles(roles: tuple[str, ...], cfg: DictConfig, draft: dict | None = No
             PolicyActor, role="baseline", replicas=b.replicas, num_cpus=b.num_cpus, num_gpus=num_gpus,
             max_restarts=b.max_restarts, engine=b.engine, num_threads=threads, path=b.path, dtype=b.dtype,
             device=b.device, max_batch_rows=b.max_batch_rows, chat_template=cfg.model.chat_template,
+            **({"prefix_cache_tokens": b.prefix_cache_tokens} if b.engine == "hf" else {}),
             **OmegaConf.to_container(b.engine_kwargs, resolve=True),
         ))
     for role, r in (("reward", cfg.reward), ("baseline_reward", cfg.baseline.reward)):
