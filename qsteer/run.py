@@ -24,6 +24,8 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from qsteer.cluster.connect import connect, joins_cluster
+from qsteer.cluster.placement import Node, Reservation, plan_placement, ray_nodes, reserve, role_demands
 from qsteer.config import ConfigError, check_config, speculative_config
 from qsteer.data import DatasetError, load_dataset
 from qsteer.engines import SamplingParams
@@ -41,17 +43,19 @@ def run_job(cfg: DictConfig, out_dir: str | Path, roles: dict[str, Any] | None =
     the job then runs on them, and they stay the caller's.
     """
     started = time.perf_counter()
-    check_config(cfg)
+    job = check_config(cfg)
     records = load_dataset(cfg.dataset.name, path=cfg.dataset.path, limit=cfg.dataset.limit)
     check_job(cfg, records)
+    if job.cluster.dry_run:
+        return dry_run(cfg, job.cluster.placement)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with lock_run_folder(out_dir):
-        return _run_in(out_dir, cfg, records, roles, started)
+        return _run_in(out_dir, cfg, records, roles, started, job.cluster.placement)
 
 
 def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str, Any] | None,
-            started: float) -> dict[str, Any]:
+            started: float, placement: tuple = ()) -> dict[str, Any]:
     results = ResultsFile(out_dir / "results.jsonl")
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if results.done_ids and (out_dir / "config.yaml").exists():
@@ -71,20 +75,25 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
     trained: dict[str, Any] | None = None
     started_ray, stopped, previous = False, None, None
     ready = finished = None
+    reservation = Reservation()
     failures: list[str] = []
     replica_calls: list[int] = []
     try:
         if own_roles:
             roles = {}
-            if todo and cfg.cluster.address is None:
+            local = not joins_cluster(cfg.cluster.address)
+            if todo and local:
                 check_local_resources(cfg, workflow.roles, draft)
-            if "policy" in workflow.roles and cfg.cluster.address is None:
+            if "policy" in workflow.roles and local:
                 # Convert the default model once here, not in every replica, and fail before Ray starts.
                 resolve_model_path(cfg.model.path)
             started_ray = connect(cfg.cluster)
             previous = _stop_on_sigterm()  # after ray.init, whose own handler would exit at once
             if todo:
-                build_roles(workflow.roles, cfg, draft, into=roles)
+                # refuse a plan the cluster cannot hold before any actor starts: Ray would wait forever
+                plan = plan_placement(role_demands(cfg, workflow.roles, draft, has_gpu()), placement, ray_nodes())
+                reserve(plan, placement, into=reservation)
+                build_roles(workflow.roles, cfg, draft, into=roles, scheduling=reservation.strategies)
         ctx = context(cfg, roles, draft, out_dir)  # waits for the policy replicas to load
         ready = time.perf_counter()
         failures = run_batches(workflow, todo, ctx, results, cfg, total=len(records))
@@ -100,6 +109,8 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
         if own_roles:
             for group in (roles or {}).values():
                 group.shutdown()
+            if reservation.groups:
+                reservation.shutdown()
         if started_ray:
             import ray
 
@@ -382,31 +393,10 @@ def check_local_resources(cfg: DictConfig, roles: tuple[str, ...], draft: dict |
                               f"this machine has {gpus}; set num_gpus to auto or lower it")
 
 
-def connect(cluster: DictConfig) -> bool:
-    """Join or start Ray; True when this call started it (and so should stop it)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if cluster.address is None:
-        # "local" always starts a private instance; None would join RAY_ADDRESS or the last cluster
-        # started on this machine (/tmp/ray), and hang retrying one that has died.
-        ray.init(
-            address="local",
-            num_cpus=cluster.num_cpus,
-            include_dashboard=bool(cluster.dashboard),
-            dashboard_host="127.0.0.1",
-            namespace=cluster.namespace,
-            log_to_driver=True,
-        )
-    else:
-        ray.init(address=cluster.address, namespace=cluster.namespace)
-    return True
-
-
 def build_roles(roles: tuple[str, ...], cfg: DictConfig, draft: dict | None = None,
-                into: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The Ray groups of the roles a workflow needs, with resources from the config.
+                into: dict[str, Any] | None = None, scheduling: dict[str, list] | None = None) -> dict[str, Any]:
+    """The Ray groups of the roles a workflow needs, with resources from the config, each replica in its
+    placement group bundle where `scheduling` (role -> strategy per replica, from `placement.reserve`) says.
 
     Each group goes into `into` as soon as it exists, so a failure or a stop while later ones
     start still leaves the caller every group to shut down.
@@ -419,6 +409,7 @@ def build_roles(roles: tuple[str, ...], cfg: DictConfig, draft: dict | None = No
     from qsteer.actors.roles import PolicyGroup, RewardGroup, ValueSum
 
     groups: dict[str, Any] = {} if into is None else into
+    scheduling = scheduling or {}
     has_gpu = ray.cluster_resources().get("GPU", 0) > 0
     heads, separate = value_terms(cfg) if "value" in roles else ([], [])
     if "policy" in roles:
@@ -431,7 +422,7 @@ def build_roles(roles: tuple[str, ...], cfg: DictConfig, draft: dict | None = No
         own_gpu = has_gpu and not (m.engine == "vllm" and int(engine_kwargs.get("tensor_parallel_size", 1)) > 1)
         num_gpus = (1 if own_gpu else 0) if m.num_gpus == "auto" else m.num_gpus
         threads = m.num_threads
-        if threads is None and cfg.cluster.address is None and not num_gpus:
+        if threads is None and not joins_cluster(cfg.cluster.address) and not num_gpus:
             threads = max(1, (os.cpu_count() or 1) // m.replicas)
         policy = ActorGroup(
             PolicyActor,
@@ -440,6 +431,7 @@ def build_roles(roles: tuple[str, ...], cfg: DictConfig, draft: dict | None = No
             num_cpus=m.num_cpus,
             num_gpus=num_gpus,
             max_restarts=m.max_restarts,
+            scheduling=scheduling.get("policy"),
             engine=m.engine,
             num_threads=threads,
             path=m.path,
@@ -453,7 +445,7 @@ def build_roles(roles: tuple[str, ...], cfg: DictConfig, draft: dict | None = No
         )
         groups["policy"] = PolicyGroup(policy)
         if draft is not None and draft["kind"] == "model" and not draft.get("colocate", True) and m.engine == "hf":
-            groups["draft"] = build_draft_group(cfg, has_gpu)
+            groups["draft"] = build_draft_group(cfg, has_gpu, scheduling.get("draft"))
             attach_drafts(policy, groups["draft"])
     if separate:
         value_group = build_value_group(cfg, separate, has_gpu)
@@ -472,6 +464,7 @@ def build_roles(roles: tuple[str, ...], cfg: DictConfig, draft: dict | None = No
             num_cpus=r.num_cpus,
             num_gpus=r.num_gpus,
             max_restarts=r.max_restarts,
+            scheduling=scheduling.get("reward"),
             name=r.name,
             target=r.target,
             kwargs=OmegaConf.to_container(r.kwargs, resolve=True),
@@ -500,7 +493,7 @@ def _value_actor_options(cfg: DictConfig, has_gpu: bool, replicas: int) -> dict[
     v = cfg.value
     num_gpus = (1 if has_gpu else 0) if v.num_gpus == "auto" else v.num_gpus
     threads = v.num_threads
-    if threads is None and cfg.cluster.address is None and not num_gpus:
+    if threads is None and not joins_cluster(cfg.cluster.address) and not num_gpus:
         threads = max(1, (os.cpu_count() or 1) // replicas)
     return {"num_cpus": v.num_cpus, "num_gpus": num_gpus, "max_restarts": v.max_restarts, "num_threads": threads,
             "dtype": v.dtype, "device": v.device}
@@ -530,7 +523,7 @@ def build_trainer_group(cfg: DictConfig, has_gpu: bool):
         train_batch=v.train_batch, seed=cfg.seed, **_value_actor_options(cfg, has_gpu, 1)))
 
 
-def build_draft_group(cfg: DictConfig, has_gpu: bool):
+def build_draft_group(cfg: DictConfig, has_gpu: bool, scheduling: list | None = None):
     """Draft actors for a model draft that does not live inside the policy actors."""
     from qsteer.actors.draft import DraftActor
     from qsteer.actors.group import ActorGroup
@@ -538,10 +531,45 @@ def build_draft_group(cfg: DictConfig, has_gpu: bool):
     a = cfg.draft.actor
     num_gpus = (1 if has_gpu else 0) if a.num_gpus == "auto" else a.num_gpus
     threads = a.num_threads
-    if threads is None and cfg.cluster.address is None and not num_gpus:
+    if threads is None and not joins_cluster(cfg.cluster.address) and not num_gpus:
         threads = os.cpu_count() or 1  # drafting and verifying alternate, so each may use every core
     return ActorGroup(
         DraftActor, role="draft", replicas=a.replicas, num_cpus=a.num_cpus, num_gpus=num_gpus,
-        max_restarts=a.max_restarts, num_threads=threads, path=cfg.draft.path or cfg.model.path,
+        max_restarts=a.max_restarts, scheduling=scheduling, num_threads=threads, path=cfg.draft.path or cfg.model.path,
         dtype=a.dtype, device=a.device, chat_template=cfg.model.chat_template,
     )
+
+
+def has_gpu() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def dry_run(cfg: DictConfig, placement: tuple) -> dict[str, Any]:
+    """Print the placement plan and whether the cluster holds it; start no actor, load no model.
+
+    A run that would start a local Ray plans on this machine without starting it; one that joins
+    a cluster reads the cluster's nodes. A plan it cannot hold raises PlacementError naming the role.
+    """
+    workflow = WORKFLOWS[cfg.workflow.name]
+    draft = speculative_config(cfg)
+    if joins_cluster(cfg.cluster.address):
+        import ray
+
+        started = connect(cfg.cluster)
+        try:
+            nodes = ray_nodes()
+        finally:
+            if started:
+                ray.shutdown()
+    else:
+        import torch
+
+        cpus = cfg.cluster.num_cpus or os.cpu_count() or 1
+        nodes = [Node("local", "this machine", {"CPU": float(cpus), "GPU": float(torch.cuda.device_count())})]
+    gpu = any(n.resources.get("GPU", 0) > 0 for n in nodes)
+    plan = plan_placement(role_demands(cfg, workflow.roles, draft, gpu), placement, nodes)
+    print(f"qsteer dry run: workflow={cfg.workflow.name}; no actor started, no model loaded")
+    print(plan.table())
+    return {"dry_run": True, "fits": True, "plan": plan.rows()}

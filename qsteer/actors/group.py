@@ -26,11 +26,14 @@ class ActorGroup:
         num_gpus: float = 0,
         resources: dict[str, float] | None = None,
         max_restarts: int = 2,
+        scheduling: list[Any] | None = None,
         **init_kwargs: Any,
     ) -> None:
+        """`scheduling`: a Ray scheduling strategy per replica (its placement group bundle), or None."""
         if replicas < 1:
             raise ValueError(f"{role}.replicas must be >= 1, got {replicas}")
-        remote_cls = ray.remote(actor_cls).options(
+        remote_cls = ray.remote(actor_cls)
+        options = dict(
             num_cpus=num_cpus,
             num_gpus=num_gpus,
             resources=resources or None,
@@ -38,8 +41,14 @@ class ActorGroup:
             max_task_retries=max_restarts,
             max_concurrency=1,
         )
+        if scheduling is not None and len(scheduling) != replicas:
+            raise ValueError(f"{role}: {len(scheduling)} placement bundles for {replicas} replicas")
         self.role = role
-        self.actors = [remote_cls.remote(**init_kwargs) for _ in range(replicas)]
+        self.actors = [
+            remote_cls.options(**options, **({} if scheduling is None else {"scheduling_strategy": scheduling[i]}))
+            .remote(**init_kwargs)
+            for i in range(replicas)
+        ]
         self._in_flight: list[list[ray.ObjectRef]] = [[] for _ in self.actors]
         self._lock = threading.Lock()
 
