@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from qsteer.cluster.connect import connect, joins_cluster
 from qsteer.cluster.placement import Node, Reservation, plan_placement, ray_nodes, reserve, role_demands
+from qsteer.cache import CachedPolicy, GenerationCache, model_identity
 from qsteer.config import ConfigError, check_config, speculative_config
 from qsteer.data import DatasetError, load_dataset
 from qsteer.engines import SamplingParams
@@ -74,7 +75,7 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
     own_roles = roles is None
     trained: dict[str, Any] | None = None
     started_ray, stopped, previous = False, None, None
-    ready = finished = None
+    ready = finished = cache_counts = None
     reservation = Reservation()
     failures: list[str] = []
     replica_calls: list[int] = []
@@ -102,6 +103,7 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
             write_folder(out_dir / "value", trained["files"])
         finished = time.perf_counter()
         replica_calls = [info["calls"] for info in ctx.policy.info()] if ctx.policy is not None else []
+        cache_counts = ctx.policy.counts() if isinstance(ctx.policy, CachedPolicy) else None
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM through the CLI's handler: keep what finished
         stopped = err
         _ignore_signals()  # a second Ctrl-C must not cut the cleanup short and orphan Ray's processes
@@ -129,6 +131,8 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
         summary["metrics"]["retried_errors"] = retried
     if trained is not None:
         summary["metrics"]["value"] = {"path": str(out_dir / "value"), **trained["card"]}
+    if cache_counts is not None:  # samples served from the cache, samples generated, and their tokens
+        summary["metrics"]["generation_cache"] = cache_counts
     if stopped is not None:
         summary["metrics"]["stopped_by"] = signal.Signals(getattr(stopped, "signum", signal.SIGINT)).name
     write_atomic(out_dir / "summary.json", dumps(summary, indent=2) + "\n")
@@ -295,6 +299,14 @@ def value_terms(cfg: DictConfig) -> tuple[list[tuple[str, float]], list[tuple[st
 def context(cfg: DictConfig, roles: dict[str, Any], draft: dict | None, out_dir: Path | None = None) -> Context:
     policy = roles.get("policy")
     info = policy.info()[0] if policy is not None else {}
+    if policy is not None and cfg.generation_cache:
+        m = cfg.model
+        # the driver of a joined cluster need not hold the weights: the path names them there
+        identity = model_identity(
+            m.path if joins_cluster(cfg.cluster.address) else str(resolve_model_path(m.path)),
+            engine=m.engine, dtype=m.dtype, device=m.device,
+            engine_kwargs=OmegaConf.to_container(m.engine_kwargs, resolve=True))
+        policy = CachedPolicy(policy, GenerationCache(cfg.generation_cache, identity))
     return Context(
         workflow=cfg.workflow,
         params=SamplingParams(
