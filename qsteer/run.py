@@ -24,9 +24,9 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from qsteer.cache import CachedPolicy, GenerationCache, model_identity
 from qsteer.cluster.connect import connect, joins_cluster
 from qsteer.cluster.placement import Node, Reservation, plan_placement, ray_nodes, reserve, role_demands
-from qsteer.cache import CachedPolicy, GenerationCache, model_identity
 from qsteer.config import ConfigError, check_config, speculative_config
 from qsteer.data import DatasetError, load_dataset
 from qsteer.engines import SamplingParams
