@@ -26,7 +26,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from qsteer.cache import CachedPolicy, GenerationCache, model_identity
 from qsteer.cluster.connect import connect, joins_cluster
-from qsteer.cluster.placement import Node, Reservation, plan_placement, ray_nodes, reserve, role_demands
+from qsteer.cluster.placement import (
+    Demand,
+    Node,
+    Reservation,
+    plan_placement,
+    ray_nodes,
+    reserve,
+    role_demands,
+)
 from qsteer.config import ConfigError, check_config, speculative_config
 from qsteer.data import DatasetError, load_dataset
 from qsteer.engines import SamplingParams
@@ -75,7 +83,7 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
     own_roles = roles is None
     trained: dict[str, Any] | None = None
     started_ray, stopped, previous = False, None, None
-    ready = finished = cache_counts = None
+    ready = finished = cache_counts = actors = None
     reservation = Reservation()
     failures: list[str] = []
     replica_calls: list[int] = []
@@ -92,18 +100,25 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
             previous = _stop_on_sigterm()  # after ray.init, whose own handler would exit at once
             if todo:
                 # refuse a plan the cluster cannot hold before any actor starts: Ray would wait forever
-                plan = plan_placement(role_demands(cfg, workflow.roles, draft, has_gpu()), placement, ray_nodes())
+                plan = plan_placement(demands(cfg, workflow.roles, draft, has_gpu()), placement, ray_nodes())
                 reserve(plan, placement, into=reservation)
                 build_roles(workflow.roles, cfg, draft, into=roles, scheduling=reservation.strategies)
         ctx = context(cfg, roles, draft, out_dir)  # waits for the policy replicas to load
+        # a warm replica counts the calls of earlier runs too
+        calls_before = [info["calls"] for info in ctx.policy.info()] if ctx.policy is not None else []
         ready = time.perf_counter()
         failures = run_batches(workflow, todo, ctx, results, cfg, total=len(records))
         if workflow.finish is not None and not failures:
             trained = workflow.finish(results.read(), ctx)
             write_folder(out_dir / "value", trained["files"])
         finished = time.perf_counter()
-        replica_calls = [info["calls"] for info in ctx.policy.info()] if ctx.policy is not None else []
+        replica_calls = [info["calls"] - before for info, before in zip(ctx.policy.info(), calls_before, strict=True)] \
+            if ctx.policy is not None else []
         cache_counts = ctx.policy.counts() if isinstance(ctx.policy, CachedPolicy) else None
+        if own_roles:
+            actors = {role: n for role, group in roles.items() if (n := _started(group)) is not None}
+            if ctx.policy is not None:
+                actors["policy_pids"] = [info["pid"] for info in ctx.policy.info()]
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM through the CLI's handler: keep what finished
         stopped = err
         _ignore_signals()  # a second Ctrl-C must not cut the cleanup short and orphan Ray's processes
@@ -113,7 +128,9 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
                 group.shutdown()
             if reservation.groups:
                 reservation.shutdown()
-        if started_ray:
+        if started_ray and not (cfg.cluster.warm and stopped is None):
+            # a warm local Ray stays up for the next run in this process (a -m sweep's next point) and
+            # ends with the process
             import ray
 
             ray.shutdown()
@@ -131,6 +148,9 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
         summary["metrics"]["retried_errors"] = retried
     if trained is not None:
         summary["metrics"]["value"] = {"path": str(out_dir / "value"), **trained["card"]}
+    if actors is not None:  # the role actors this run started (each loads its model; warm ones are reused)
+        # and the policy replicas' processes
+        summary["metrics"]["actors_started"] = actors
     if cache_counts is not None:  # samples served from the cache, samples generated, and their tokens
         summary["metrics"]["generation_cache"] = cache_counts
     if stopped is not None:
@@ -444,6 +464,7 @@ def build_roles(roles: tuple[str, ...], cfg: DictConfig, draft: dict | None = No
             num_gpus=num_gpus,
             max_restarts=m.max_restarts,
             scheduling=scheduling.get("policy"),
+            warm=cfg.cluster.warm,
             engine=m.engine,
             num_threads=threads,
             path=m.path,
@@ -477,6 +498,7 @@ def build_roles(roles: tuple[str, ...], cfg: DictConfig, draft: dict | None = No
             num_gpus=r.num_gpus,
             max_restarts=r.max_restarts,
             scheduling=scheduling.get("reward"),
+            warm=cfg.cluster.warm,
             name=r.name,
             target=r.target,
             kwargs=OmegaConf.to_container(r.kwargs, resolve=True),
@@ -547,9 +569,28 @@ def build_draft_group(cfg: DictConfig, has_gpu: bool, scheduling: list | None = 
         threads = os.cpu_count() or 1  # drafting and verifying alternate, so each may use every core
     return ActorGroup(
         DraftActor, role="draft", replicas=a.replicas, num_cpus=a.num_cpus, num_gpus=num_gpus,
-        max_restarts=a.max_restarts, scheduling=scheduling, num_threads=threads, path=cfg.draft.path or cfg.model.path,
+        max_restarts=a.max_restarts, scheduling=scheduling, warm=cfg.cluster.warm, num_threads=threads, path=cfg.draft.path or cfg.model.path,
         dtype=a.dtype, device=a.device, chat_template=cfg.model.chat_template,
     )
+
+
+def _started(group: Any) -> int | None:
+    """How many actors a role group started this run (None for groups that start none themselves)."""
+    return getattr(getattr(group, "replicas", group), "started", None)
+
+
+def demands(cfg: DictConfig, roles: tuple[str, ...], draft: dict | None, gpu: bool) -> list[Demand]:
+    """Every actor the run starts, for the placement plan: the policy, draft and reward roles, and the
+    value= group's actors (separate-backbone values; the trainer of workflow=train_value), placed freely."""
+    out = role_demands(cfg, roles, draft, gpu)
+    v = cfg.get("value")
+    if v is not None and ("trainer" in roles or ("value" in roles and value_terms(cfg)[1])):
+        gpus = float((1 if gpu else 0) if v.num_gpus == "auto" else v.num_gpus)
+        if "value" in roles and value_terms(cfg)[1]:
+            out.append(Demand("value", v.replicas, float(v.num_cpus), gpus))
+        if "trainer" in roles:
+            out.append(Demand("trainer", 1, float(v.num_cpus), gpus))
+    return out
 
 
 def has_gpu() -> bool:
@@ -581,7 +622,7 @@ def dry_run(cfg: DictConfig, placement: tuple) -> dict[str, Any]:
         cpus = cfg.cluster.num_cpus or os.cpu_count() or 1
         nodes = [Node("local", "this machine", {"CPU": float(cpus), "GPU": float(torch.cuda.device_count())})]
     gpu = any(n.resources.get("GPU", 0) > 0 for n in nodes)
-    plan = plan_placement(role_demands(cfg, workflow.roles, draft, gpu), placement, nodes)
+    plan = plan_placement(demands(cfg, workflow.roles, draft, gpu), placement, nodes)
     print(f"qsteer dry run: workflow={cfg.workflow.name}; no actor started, no model loaded")
     print(plan.table())
     return {"dry_run": True, "fits": True, "plan": plan.rows()}

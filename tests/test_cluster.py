@@ -193,3 +193,31 @@ def test_dry_run_against_the_cluster_plans_and_refuses_without_ray_auth_mode(clu
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "cluster.placement[0] (roles policy): bundle 2" in proc.stderr
     assert not list((tmp_path / "never").glob("*.json*"))  # Hydra made the folder; qsteer wrote nothing in it
+
+
+def test_a_warm_sweep_loads_the_policy_once_and_its_actors_can_be_listed_and_stopped(cluster, tiny_path, tmp_path):
+    """`qsteer -m ... cluster.warm=true`: 3 sweep points against one set of actors (the first point starts
+    them, the others find them by name: same processes); they outlive the sweep until stopped."""
+    env = node_env(PYTHONPATH=str(REPO))
+    sweep = subprocess.run(
+        [sys.executable, "-m", "qsteer.cli", "-m", "progress=false", f"cluster.address={cluster.gcs}",
+         "cluster.warm=true", f"model.path={tiny_path}", "dataset.limit=1", "generation.max_new_tokens=4",
+         "model.num_cpus=0.5", "model.num_threads=1", "workflow.n=1,2,3", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        env=env, capture_output=True, text=True, timeout=400)
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    started = [json.loads((tmp_path / "sweep" / str(i) / "summary.json").read_text())["metrics"]["actors_started"]
+               for i in range(3)]
+    assert [(s["policy"], s["reward"]) for s in started] == [(1, 1), (0, 0), (0, 0)]  # weights loaded once
+    assert len({tuple(s["policy_pids"]) for s in started}) == 1  # every point served by the same process
+    assert (tmp_path / "sweep" / "sweep.md").exists()  # one table over the sweep
+
+    def warm(*args: str) -> list[str]:
+        proc = subprocess.run([sys.executable, "-m", "qsteer.cluster.warm", *args, "--address", cluster.gcs],
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout.split("\n")[:-1]
+
+    names = warm("list")
+    assert sorted(n.split("-")[2] for n in names) == ["policy", "reward"]
+    assert warm("stop") == [f"stopped {n}" for n in names]
+    assert warm("list") == []

@@ -171,11 +171,19 @@ class ClusterConfig(Config):
     freely. The plan is checked against the cluster's nodes before any actor starts, and a plan
     the cluster cannot hold is refused naming the role. E.g.
     `cluster.placement='[{roles: [policy], strategy: STRICT_SPREAD}]'`."""
+    warm: bool = False
+    """Keep the role actors alive after the run, named after their config (Ray detached actors), and
+    reuse them in later runs with the same role config: a `-m` sweep loads each model once. Stop
+    them with `python -m qsteer.cluster.warm stop`. Not with `placement` (a placement group ends
+    with its run)."""
     dry_run: bool = False
     """Print the plan (each role's replicas, resources, placement group bundle and node) and whether
     the cluster can hold it, then stop: no actor starts and no model loads."""
 
     def check(self) -> None:
+        if self.warm and self.placement:
+            raise Invalid("warm", "cannot be combined with cluster.placement yet: a run's placement groups end "
+                          "with it and would take the warm actors along")
         seen: dict[str, int] = {}
         for index, group in enumerate(self.placement):
             for role in group.roles:
