@@ -580,8 +580,9 @@ def _started(group: Any) -> int | None:
 
 
 def demands(cfg: DictConfig, roles: tuple[str, ...], draft: dict | None, gpu: bool) -> list[Demand]:
-    """Every actor the run starts, for the placement plan: the policy, draft and reward roles, and the
-    value= group's actors (separate-backbone values; the trainer of workflow=train_value), placed freely."""
+    """Every actor the run starts, for the placement plan: the policy, draft and reward roles, and (placed
+    freely) the value= group's actors (separate-backbone values; workflow=train_value's trainer) and the
+    sandbox pool."""
     out = role_demands(cfg, roles, draft, gpu)
     v = cfg.get("value")
     if v is not None and ("trainer" in roles or ("value" in roles and value_terms(cfg)[1])):
@@ -590,6 +591,9 @@ def demands(cfg: DictConfig, roles: tuple[str, ...], draft: dict | None, gpu: bo
             out.append(Demand("value", v.replicas, float(v.num_cpus), gpus))
         if "trainer" in roles:
             out.append(Demand("trainer", 1, float(v.num_cpus), gpus))
+    if "sandbox" in roles:  # as build_roles gives them: no GPU unless asked
+        b = cfg.sandbox
+        out.append(Demand("sandbox", b.replicas, float(b.num_cpus), float(0 if b.num_gpus == "auto" else b.num_gpus)))
     return out
 
 

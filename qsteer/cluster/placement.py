@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Where each role's resource keys live in the config.
-ROLE_KEYS = {"policy": "model", "draft": "draft.actor", "reward": "reward", "value": "value", "trainer": "value"}
+ROLE_KEYS = {"policy": "model", "draft": "draft.actor", "reward": "reward", "value": "value", "trainer": "value",
+             "sandbox": "sandbox"}
 # Ray refuses an empty bundle; a bundle of actors that ask for nothing (the reward's default
 # num_cpus=0) reserves this sliver of a CPU instead.
 EMPTY_BUNDLE_CPU = 0.01
