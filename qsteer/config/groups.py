@@ -129,13 +129,36 @@ class DatasetConfig(Config):
             raise Invalid("path", "is required by dataset=jsonl (add `dataset.path=FILE.jsonl` to the command)")
 
 
+Role = Literal["policy", "draft", "reward"]  # the roles with actors of their own (model, draft.actor, reward)
+
+
+@dataclass(frozen=True)
+class PlacementGroupConfig(Config):
+    """One Ray placement group (after veRL's resource pools and OpenRLHF's colocated groups)."""
+
+    roles: tuple[Role, ...]
+    """The roles placed together. Bundle i holds replica i of each of them, so they need equal
+    replicas; roles in one bundle share its resources (policy and a draft actor on one GPU with
+    `model.num_gpus=0.5`, `draft.actor.num_gpus=0.5`)."""
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How the bundles spread over nodes (Ray's placement strategies): `STRICT_SPREAD`, one node
+    per bundle; `STRICT_PACK`, all on one node; `PACK`/`SPREAD`, preferably so."""
+
+    def check(self) -> None:
+        if not self.roles:
+            raise Invalid("roles", "is empty: name at least one of policy, draft, reward")
+        if len(set(self.roles)) != len(self.roles):
+            raise Invalid("roles", f"names a role twice: {list(self.roles)}")
+
+
 @dataclass(frozen=True)
 class ClusterConfig(Config):
     """The Ray cluster the job runs on."""
 
     address: str | None = None
-    """null: start a private local Ray (never joining `RAY_ADDRESS` or an earlier one); `auto`: join
-    the running cluster; or `ray://host:port`."""
+    """null: start a private local Ray (never joining `RAY_ADDRESS` or an earlier one), except in a
+    job submitted with `ray job submit`, which joins the cluster running it; `auto`: join the
+    running cluster; or `HOST:PORT` / `ray://host:port`."""
     num_cpus: Annotated[int, Range(1)] | None = None
     """Local Ray only: CPUs it may use; null: all cores. Actors that do not fit are refused before Ray
     starts."""
@@ -143,6 +166,31 @@ class ClusterConfig(Config):
     """Local Ray only: start its dashboard, bound to 127.0.0.1."""
     namespace: str = "qsteer"
     """The Ray namespace of the job's actors."""
+    placement: tuple[PlacementGroupConfig, ...] = ()
+    """Placement groups, each `{roles: [...], strategy: ...}`; a role in none of them is placed by Ray
+    freely. The plan is checked against the cluster's nodes before any actor starts, and a plan
+    the cluster cannot hold is refused naming the role. E.g.
+    `cluster.placement='[{roles: [policy], strategy: STRICT_SPREAD}]'`."""
+    warm: bool = False
+    """Keep the role actors alive after the run, named after their config (Ray detached actors), and
+    reuse them in later runs with the same role config: a `-m` sweep loads each model once. Stop
+    them with `python -m qsteer.cluster.warm stop`. Not with `placement` (a placement group ends
+    with its run)."""
+    dry_run: bool = False
+    """Print the plan (each role's replicas, resources, placement group bundle and node) and whether
+    the cluster can hold it, then stop: no actor starts and no model loads."""
+
+    def check(self) -> None:
+        if self.warm and self.placement:
+            raise Invalid("warm", "cannot be combined with cluster.placement yet: a run's placement groups end "
+                          "with it and would take the warm actors along")
+        seen: dict[str, int] = {}
+        for index, group in enumerate(self.placement):
+            for role in group.roles:
+                if role in seen:
+                    raise Invalid(f"placement[{index}].roles", f"names {role}, already placed by "
+                                  f"placement[{seen[role]}]: a role goes in one placement group")
+                seen[role] = index
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,10 @@ class JobConfig(Config):
     """Prompts per workflow call; results are written as each batch finishes."""
     progress: bool = resource(True)
     """Show a progress bar on stderr."""
+    generation_cache: str | None = resource(None)
+    """A folder of completions keyed by model, prompt tokens, sampling parameters, seed, prompt id and
+    sample index (`qsteer/cache.py`): a rerun with a new reward generates nothing, a larger
+    `workflow.n` only the new samples. Shareable between runs; null: off."""
 
     def check(self) -> None:
         if getattr(self.workflow, "mode", None) == "tokenwise" and self.model.engine != "hf":
