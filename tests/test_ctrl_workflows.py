@@ -112,3 +112,20 @@ def test_win_rate_config_errors(compose):
         check_config(compose("reward=calibrated", "reward.base=callable"))
     with pytest.raises(ConfigError, match="workflow.eval_n"):
         check_config(compose("workflow=ctrl_align", "workflow.eval_samples=4"))
+
+
+@pytest.mark.ray
+def test_win_rate_with_a_candidate_group_and_calibrated_reward_on_ray(ray_session, compose, tiny_path, tmp_path):
+    from qsteer.run import run_job
+
+    cfg = compose("workflow=win_rate", f"workflow.candidate={tiny_path}", f"model.path={tiny_path}",
+                  "workflow.procedure=bon", "workflow.n=2", "workflow.samples=4", "reward=calibrated",
+                  "reward.num_reference=8", f"reward.cache={tmp_path / 'cache'}", "dataset.limit=4",
+                  "generation.max_new_tokens=4", "model.num_cpus=0", "cluster.dashboard=false")
+    summary = run_job(cfg, tmp_path / "run")
+    metrics = summary["metrics"]
+    assert summary["num_errors"] == 0 and metrics["win_rate_prompts"] == 4
+    assert metrics["win_rate_ci_low"] <= metrics["win_rate"] <= metrics["win_rate_ci_high"]
+    # the candidate is the same weights in its own actor: the same log-probabilities, so KL 0
+    assert abs(metrics["kl_k1"]) < 1e-3 and 0 <= metrics["kl_k3"] < 1e-3
+    assert 0 <= metrics["mean_calibrated"] <= 1 and 0 <= metrics["reference_mean_calibrated"] <= 1
