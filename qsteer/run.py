@@ -78,6 +78,7 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
     retried = results.drop_errors()  # a record that ended in an error is redone, never kept beside its redo
     todo = [r for r in records if r["id"] not in results.done_ids]
     workflow = WORKFLOWS[cfg.workflow.name]
+    needed = needed_roles(cfg)
     draft = speculative_config(cfg)
 
     own_roles = roles is None
@@ -92,17 +93,17 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
             roles = {}
             local = not joins_cluster(cfg.cluster.address)
             if todo and local:
-                check_local_resources(cfg, workflow.roles, draft)
-            if "policy" in workflow.roles and local:
+                check_local_resources(cfg, needed, draft)
+            if "policy" in needed and local:
                 # Convert the default model once here, not in every replica, and fail before Ray starts.
                 resolve_model_path(cfg.model.path)
             started_ray = connect(cfg.cluster)
             previous = _stop_on_sigterm()  # after ray.init, whose own handler would exit at once
             if todo:
                 # refuse a plan the cluster cannot hold before any actor starts: Ray would wait forever
-                plan = plan_placement(demands(cfg, workflow.roles, draft, has_gpu()), placement, ray_nodes())
+                plan = plan_placement(demands(cfg, needed, draft, has_gpu()), placement, ray_nodes())
                 reserve(plan, placement, into=reservation)
-                build_roles(workflow.roles, cfg, draft, into=roles, scheduling=reservation.strategies)
+                build_roles(needed, cfg, draft, into=roles, scheduling=reservation.strategies)
         ctx = context(cfg, roles, draft, out_dir)  # waits for the policy replicas to load
         # a warm replica counts the calls of earlier runs too
         calls_before = [info["calls"] for info in ctx.policy.info()] if ctx.policy is not None else []
@@ -316,7 +317,20 @@ def value_terms(cfg: DictConfig) -> tuple[list[tuple[str, float]], list[tuple[st
     return heads, separate
 
 
+def needed_roles(cfg: DictConfig) -> tuple[str, ...]:
+    """The roles to build: the workflow's, plus the policy (the reference) for reward=calibrated, plus a
+    candidate group for workflow=win_rate with a candidate model of its own."""
+    roles = WORKFLOWS[cfg.workflow.name].roles
+    if cfg.reward.name == "calibrated" and "reward" in roles and "policy" not in roles:
+        roles = (*roles, "policy")
+    if "candidate" in roles and not cfg.workflow.candidate:
+        roles = tuple(r for r in roles if r != "candidate")  # the reference itself: the policy group serves it
+    return roles
+
+
 def context(cfg: DictConfig, roles: dict[str, Any], draft: dict | None, out_dir: Path | None = None) -> Context:
+    """The workflow's Context over the role groups; with reward=calibrated, the reward role is the base
+    reward group calibrated against the policy group's samples (`actors.calibrated`)."""
     policy = roles.get("policy")
     info = policy.info()[0] if policy is not None else {}
     if policy is not None and cfg.generation_cache:
@@ -327,7 +341,7 @@ def context(cfg: DictConfig, roles: dict[str, Any], draft: dict | None, out_dir:
             engine=m.engine, dtype=m.dtype, device=m.device,
             engine_kwargs=OmegaConf.to_container(m.engine_kwargs, resolve=True))
         policy = CachedPolicy(policy, GenerationCache(cfg.generation_cache, identity))
-    return Context(
+    ctx = Context(
         workflow=cfg.workflow,
         params=SamplingParams(
             max_new_tokens=cfg.generation.max_new_tokens,
@@ -342,13 +356,45 @@ def context(cfg: DictConfig, roles: dict[str, Any], draft: dict | None, out_dir:
         reward=roles.get("reward"),
         sandbox=roles.get("sandbox"),
         stages=None if out_dir is None else StageStore(Path(out_dir) / "stages"),
+        candidate=roles.get("candidate", policy if "candidate" in WORKFLOWS[cfg.workflow.name].roles else None),
         chat=bool(cfg.model.chat_template),
         value=roles.get("value"),
         trainer=roles.get("trainer"),
         eos_token_ids=list(info.get("eos_token_ids", [])),
         value_config=cfg.value,
+        out_dir=out_dir,
         **({"context_length": info["context_length"]} if policy is not None else {}),
     )
+    if cfg.reward.name == "calibrated" and ctx.reward is not None:
+        ctx.reward = calibrated_reward(cfg, ctx.reward, policy, ctx.params, ctx.chat)
+    return ctx
+
+
+def calibrated_reward(cfg: DictConfig, base: Any, reference: Any, params: SamplingParams, chat: bool) -> Any:
+    """The reward role of reward=calibrated: `base` (the base reward's group) calibrated against
+    samples of `reference` (the policy group), with the on-disk cache keyed by everything that fixes
+    a prompt's reference scores."""
+    import json
+
+    from qsteer.actors.calibrated import CalibratedRewardGroup
+    from qsteer.config.base import build_checked
+    from qsteer.config.groups import CalibratedRewardConfig
+    from qsteer.models import cache_dir
+    from qsteer.rewards.calibrated import ReferenceCache
+
+    if reference is None:
+        raise ConfigError("reward=calibrated needs the policy (the reference) to sample from; none was built")
+    r = build_checked(CalibratedRewardConfig, OmegaConf.to_container(cfg.reward, resolve=True), "reward")
+    cache = ReferenceCache(
+        folder=r.cache or cache_dir() / "calibrated",
+        model=f"{cfg.model.path}:{cfg.model.engine}:{cfg.model.dtype}",
+        reward=json.dumps({"base": r.base, "target": r.target, "kwargs": r.kwargs}, sort_keys=True, default=str),
+        sampling={"max_new_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p,
+                  "top_k": params.top_k, "stop": list(params.stop), "chat": chat},
+        seed=params.seed,
+    )
+    return CalibratedRewardGroup(base, reference, params, num_reference=r.num_reference, transform=r.transform,
+                                 t=r.resolved_t(), chat=chat, cache=cache)
 
 
 def run_batches(workflow: Workflow, todo: list[dict], ctx: Context, results: ResultsFile, cfg: DictConfig,
@@ -356,7 +402,8 @@ def run_batches(workflow: Workflow, todo: list[dict], ctx: Context, results: Res
     """Run the workflow over batches, appending records as each batch finishes; the failed batches."""
     from tqdm import tqdm
 
-    batches = [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
+    size = max(1, len(todo)) if workflow.whole_dataset else cfg.batch_size
+    batches = [todo[i : i + size] for i in range(0, len(todo), size)]
     failures: list[str] = []
     lanes = len(ctx.policy) if ctx.policy is not None else len(ctx.reward) if ctx.reward is not None else 1
     bar = tqdm(total=total, initial=total - len(todo), desc=cfg.workflow.name, unit="prompt",
@@ -391,6 +438,8 @@ def check_local_resources(cfg: DictConfig, roles: tuple[str, ...], draft: dict |
         if draft is not None and draft["kind"] == "model" and not draft.get("colocate", True) \
                 and cfg.model.engine == "hf":
             groups.append(("draft", "draft.actor", cfg.draft.actor))
+    if "candidate" in roles:
+        groups.append(("candidate", "model", cfg.model))  # built with the policy's resources
     if "reward" in roles:
         groups.append(("reward", "reward", cfg.reward))
     if "value" in roles and value_terms(cfg)[1]:
@@ -480,6 +529,10 @@ def build_roles(roles: tuple[str, ...], cfg: DictConfig, draft: dict | None = No
         if draft is not None and draft["kind"] == "model" and not draft.get("colocate", True) and m.engine == "hf":
             groups["draft"] = build_draft_group(cfg, has_gpu, scheduling.get("draft"))
             attach_drafts(policy, groups["draft"])
+    if "candidate" in roles:
+        # a second policy-like role: the same engine and resources as model=, another model path
+        groups["candidate"] = PolicyGroup(policy_actors(cfg, cfg.workflow.candidate, has_gpu, None, role="candidate",
+                                                        scheduling=scheduling.get("candidate")))
     if separate:
         value_group = build_value_group(cfg, separate, has_gpu)
         groups["value"] = ValueSum(groups["policy"] if heads else None, value_group)
@@ -499,7 +552,7 @@ def build_roles(roles: tuple[str, ...], cfg: DictConfig, draft: dict | None = No
             max_restarts=r.max_restarts,
             scheduling=scheduling.get("reward"),
             warm=cfg.cluster.warm,
-            name=r.name,
+            name=r.base if r.name == "calibrated" else r.name,
             target=r.target,
             kwargs=OmegaConf.to_container(r.kwargs, resolve=True),
         ))
@@ -557,6 +610,46 @@ def build_trainer_group(cfg: DictConfig, has_gpu: bool):
         train_batch=v.train_batch, seed=cfg.seed, **_value_actor_options(cfg, has_gpu, 1)))
 
 
+def policy_actors(cfg: DictConfig, path: str, has_gpu: bool, draft: dict | None, role: str = "model",
+                  scheduling: list | None = None, **extra: Any) -> Any:
+    """Ray actors hosting `path` with model='s engine and resources (the policy, or win_rate's candidate)."""
+    from qsteer.actors.group import ActorGroup
+    from qsteer.actors.policy import PolicyActor
+
+    m = cfg.model
+    engine_kwargs = OmegaConf.to_container(m.engine_kwargs, resolve=True)
+    if draft is not None and m.engine == "vllm":
+        engine_kwargs["speculative"] = draft  # vLLM fixes its speculative_config at engine start
+    # vLLM with tensor parallelism places its own GPU workers (Ray actors in a placement group
+    # of tensor_parallel_size bundles, distributed_executor_backend="ray"): the actor needs none.
+    own_gpu = has_gpu and not (m.engine == "vllm" and int(engine_kwargs.get("tensor_parallel_size", 1)) > 1)
+    num_gpus = (1 if own_gpu else 0) if m.num_gpus == "auto" else m.num_gpus
+    threads = m.num_threads
+    if threads is None and not joins_cluster(cfg.cluster.address) and not num_gpus:
+        threads = max(1, (os.cpu_count() or 1) // m.replicas)
+    policy = ActorGroup(
+        PolicyActor,
+        role=role,
+        replicas=m.replicas,
+        num_cpus=m.num_cpus,
+        num_gpus=num_gpus,
+        max_restarts=m.max_restarts,
+        scheduling=scheduling,
+        warm=cfg.cluster.warm,
+        engine=m.engine,
+        num_threads=threads,
+        path=path,
+        dtype=m.dtype,
+        device=m.device,
+        max_batch_rows=m.max_batch_rows,
+        chat_template=m.chat_template,
+        **({"prefix_cache_tokens": m.prefix_cache_tokens} if m.engine == "hf" else {}),
+        **extra,
+        **engine_kwargs,
+    )
+    return policy
+
+
 def build_draft_group(cfg: DictConfig, has_gpu: bool, scheduling: list | None = None):
     """Draft actors for a model draft that does not live inside the policy actors."""
     from qsteer.actors.draft import DraftActor
@@ -591,6 +684,10 @@ def demands(cfg: DictConfig, roles: tuple[str, ...], draft: dict | None, gpu: bo
             out.append(Demand("value", v.replicas, float(v.num_cpus), gpus))
         if "trainer" in roles:
             out.append(Demand("trainer", 1, float(v.num_cpus), gpus))
+    if "candidate" in roles:  # win_rate's candidate model: the policy's resources
+        m = cfg.model
+        out.append(Demand("candidate", m.replicas, float(m.num_cpus),
+                          float((1 if gpu else 0) if m.num_gpus == "auto" else m.num_gpus)))
     if "sandbox" in roles:  # as build_roles gives them: no GPU unless asked
         b = cfg.sandbox
         out.append(Demand("sandbox", b.replicas, float(b.num_cpus), float(0 if b.num_gpus == "auto" else b.num_gpus)))

@@ -86,6 +86,57 @@ class RewardConfig(Resources):
                 raise Invalid("target", f"={self.target!r} is not callable")
 
 
+BaseReward = Literal["sentiment", "code_tests", "judge", "model", "callable"]
+
+
+@dataclass(frozen=True)
+class CalibratedRewardConfig(RewardConfig):
+    """InfAlign's calibrated reward: the base reward's rank among the reference policy's own samples
+    (the `model=` policy, sampled with `generation.*` and `seed`), ties as half, then transformed.
+    Usable in every workflow and as ctrl_align's training reward."""
+
+    name: Literal["calibrated"] = "calibrated"
+    """The calibrated reward."""
+    base: BaseReward = "sentiment"
+    """The reward being calibrated (its `target` and `kwargs` are this node's `target` and `kwargs`)."""
+    num_reference: Annotated[int, Range(1)] = 32
+    """Reference samples per prompt (M); the calibrated reward's resolution is 1/M."""
+    transform: Literal["identity", "bon", "won"] = "identity"
+    """`identity`: C itself (its mean is the standard win rate against the reference); `bon`: exp(t C),
+    computed as exp(t (C - 1)), for a policy decoded with Best-of-N; `won`: -exp(-t C), for worst-of-N."""
+    t: Annotated[float, Range(0, low_open=True)] | None = None
+    """The transform's t; null: the analytic tool's best t for `n` and `kl_budget` (Best-of-4 at KL 1: 20)."""
+    n: Annotated[int, Range(1)] = 4
+    """The N of the Best-of-N (or worst-of-N) procedure the transform serves; only for the default t."""
+    kl_budget: Annotated[float, Range(0, low_open=True)] = 1.0
+    """The KL (nats) the aligned policy is expected to reach; only for the default t."""
+    cache: str | None = resource(None)
+    """Folder of the on-disk reference-score cache (keyed by model, prompt, sampling, seed, M and base
+    reward); null: `$QSTEER_CACHE/calibrated`."""
+
+    def check(self) -> None:
+        if self.base == "callable" and not self.target:
+            raise Invalid("target", "is required by reward.base=callable (`reward.target=package.module:function`)")
+        super().check()
+        self.resolved_t()
+
+    def resolved_t(self) -> float | None:
+        """`t`, or the default t for (transform, n, kl_budget); None for identity."""
+        if self.transform == "identity":
+            return None
+        if self.t is not None:
+            return self.t
+        from qsteer.metrics.calibrated_space import default_t
+
+        return default_t(self.transform, self.n, self.kl_budget)
+
+
+REWARD_CONFIGS: dict[str, type[RewardConfig]] = {
+    **{name: RewardConfig for name in BaseReward.__args__},
+    "calibrated": CalibratedRewardConfig,
+}
+
+
 @dataclass(frozen=True)
 class SandboxConfig(Resources):
     """The sandbox pool: actors that run model-written code against tests (CPU only, bubblewrap)."""

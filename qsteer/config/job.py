@@ -29,6 +29,7 @@ from qsteer.config.base import (
 )
 from qsteer.config.draft import DRAFT_GROUPS, decoding_fields
 from qsteer.config.groups import (
+    REWARD_CONFIGS,
     ClusterConfig,
     DatasetConfig,
     GenerationConfig,
@@ -88,8 +89,8 @@ GROUPS = ("workflow", "model", "draft", "value", "reward", "sandbox", "dataset",
 
 def group_class(group: str, node: Any) -> type:
     """The dataclass of a group's node: the workflow's by `name`, the draft's by `kind`."""
-    registry, selector = {"workflow": (WORKFLOW_CONFIGS, "name"), "draft": (DRAFT_GROUPS, "kind")}.get(
-        group, (None, None))
+    registry, selector = {"workflow": (WORKFLOW_CONFIGS, "name"), "draft": (DRAFT_GROUPS, "kind"),
+                          "reward": (REWARD_CONFIGS, "name")}.get(group, (None, None))
     if registry is None:
         return type_hints(JobConfig)[group]
     choice = node.get(selector) if isinstance(node, dict) else None

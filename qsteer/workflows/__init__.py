@@ -15,6 +15,7 @@ from qsteer.workflows import (
     beam_search,
     best_of_n,
     controlled_decoding,
+    ctrl_align,
     dvts,
     ideasearch,
     pgtd,
@@ -24,6 +25,7 @@ from qsteer.workflows import (
     score,
     speculative,
     train_value,
+    win_rate,
 )
 from qsteer.workflows.common import Context
 
@@ -35,6 +37,7 @@ class Workflow:
     # after every batch: over all records of the run folder, returns {"card", "files"} that the
     # orchestrator writes into the run folder (workflow=train_value's checkpoint)
     finish: Callable[[list[dict], Context], dict[str, Any]] | None = None
+    whole_dataset: bool = False  # one call with every prompt to do, instead of batches of `batch_size`
 
 
 WORKFLOWS: dict[str, Workflow] = {
@@ -50,6 +53,10 @@ WORKFLOWS: dict[str, Workflow] = {
     "ideasearch": Workflow(ideasearch.run, ("policy", "sandbox")),
     "plansearch": Workflow(plansearch.run, ("policy", "sandbox")),
     "pgtd": Workflow(pgtd.run, ("policy", "sandbox")),
+    # the policy is the reference; the candidate is a second policy-like group (the policy itself by default)
+    "win_rate": Workflow(win_rate.run, ("policy", "candidate", "reward")),
+    # training: all prompts in one call (the trainer's dataset), the model saved in the run folder
+    "ctrl_align": Workflow(ctrl_align.run, ("policy", "reward"), whole_dataset=True),
 }
 
 __all__ = ["WORKFLOWS", "Context", "Workflow"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from qsteer.actors.roles import PolicyRole, RewardRole, SandboxRole, Scored, ValueRole
@@ -28,6 +29,7 @@ class Context:
     policy: PolicyRole | None = None
     reward: RewardRole | None = None
     sandbox: SandboxRole | None = None
+    candidate: PolicyRole | None = None  # win_rate's candidate model (the policy itself when it has none)
     chat: bool = True
     context_length: int = 2048
     value: ValueRole | None = None  # the value= group's value (heads on the policy and/or value actors)
@@ -35,6 +37,7 @@ class Context:
     eos_token_ids: list[int] = field(default_factory=list)
     value_config: Any = None  # the value= group (workflow=train_value reads its training keys)
     stages: Any = None  # a code_search.StageStore: per-problem stage state, so a rerun resumes mid-search
+    out_dir: Path | None = None  # the run folder: where a training workflow saves its model and card
 
 
 @dataclass
