@@ -14,6 +14,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from qsteer.cluster.placement import PlacementError
 from qsteer.config import ConfigError
 from qsteer.data import DatasetError
 from qsteer.models import ModelNotFoundError
@@ -63,7 +64,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         summary = run_job(cfg, out_dir)
-    except (ConfigError, DatasetError, ModelNotFoundError, ResultsError, RunFolderBusy) as err:
+    except (ConfigError, DatasetError, ModelNotFoundError, PlacementError, ResultsError, RunFolderBusy) as err:
         print(f"qsteer: error: {err}", file=sys.stderr)
         _exit_codes.append(2)
         return
@@ -72,6 +73,8 @@ def _hydra_main(cfg: DictConfig) -> None:
         print(f"qsteer: stopped by {signal.Signals(signum).name}; every finished record is in "
               f"{out_dir / 'results.jsonl'}; rerun the same command to resume", file=sys.stderr)
         sys.exit(128 + signum)
+    if summary.get("dry_run"):
+        return  # the plan is printed; nothing ran
     print_summary(summary, out_dir)
     reasons = failed(summary)
     if reasons:

@@ -11,6 +11,7 @@ from typing import Any
 
 from qsteer.config import resource_keys
 from qsteer.metrics import mean_pass_at_k
+from qsteer.metrics.inference_win_rate import summary_metrics as win_rate_metrics
 from qsteer.metrics.speculative import run_metrics
 
 
@@ -204,6 +205,7 @@ def summarize(workflow: str, rows: list[dict[str, Any]], *, wall_s: float, new_t
             metrics[f"pass@{k}"] = mean_pass_at_k(counts, k)
     metrics.update(run_metrics(rows))
     metrics.update(code_metrics(rows))
+    metrics.update(win_rate_metrics(rows))
     errors = [f"{r['id']}: {r['error']}" for r in rows if r.get("error") is not None]
     if errors:
         metrics["first_errors"] = errors[:FIRST_ERRORS]

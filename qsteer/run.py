@@ -24,6 +24,17 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from qsteer.cache import CachedPolicy, GenerationCache, model_identity
+from qsteer.cluster.connect import connect, joins_cluster
+from qsteer.cluster.placement import (
+    Demand,
+    Node,
+    Reservation,
+    plan_placement,
+    ray_nodes,
+    reserve,
+    role_demands,
+)
 from qsteer.config import ConfigError, check_config, speculative_config
 from qsteer.data import DatasetError, load_dataset
 from qsteer.engines import SamplingParams
@@ -41,17 +52,19 @@ def run_job(cfg: DictConfig, out_dir: str | Path, roles: dict[str, Any] | None =
     the job then runs on them, and they stay the caller's.
     """
     started = time.perf_counter()
-    check_config(cfg)
+    job = check_config(cfg)
     records = load_dataset(cfg.dataset.name, path=cfg.dataset.path, limit=cfg.dataset.limit)
     check_job(cfg, records)
+    if job.cluster.dry_run:
+        return dry_run(cfg, job.cluster.placement)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with lock_run_folder(out_dir):
-        return _run_in(out_dir, cfg, records, roles, started)
+        return _run_in(out_dir, cfg, records, roles, started, job.cluster.placement)
 
 
 def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str, Any] | None,
-            started: float) -> dict[str, Any]:
+            started: float, placement: tuple = ()) -> dict[str, Any]:
     results = ResultsFile(out_dir / "results.jsonl")
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if results.done_ids and (out_dir / "config.yaml").exists():
@@ -65,21 +78,23 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
     retried = results.drop_errors()  # a record that ended in an error is redone, never kept beside its redo
     todo = [r for r in records if r["id"] not in results.done_ids]
     workflow = WORKFLOWS[cfg.workflow.name]
-    needed = workflow.needs(cfg.workflow)
+    needed = needed_roles(cfg)
     draft = speculative_config(cfg)
 
     own_roles = roles is None
     trained: dict[str, Any] | None = None
     started_ray, stopped, previous = False, None, None
-    ready = finished = None
+    ready = finished = cache_counts = actors = None
+    reservation = Reservation()
     failures: list[str] = []
     replica_calls: list[int] = []
     try:
         if own_roles:
             roles = {}
-            if todo and cfg.cluster.address is None:
+            local = not joins_cluster(cfg.cluster.address)
+            if todo and local:
                 check_local_resources(cfg, needed, draft)
-            if cfg.cluster.address is None:
+            if local:
                 # Convert the default model once here, not in every replica, and fail before Ray starts.
                 if "policy" in needed or "baseline_trainer" in needed:
                     resolve_model_path(cfg.model.path)
@@ -88,16 +103,26 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
             started_ray = connect(cfg.cluster)
             previous = _stop_on_sigterm()  # after ray.init, whose own handler would exit at once
             if todo:
-                build_roles(needed, cfg, draft, into=roles)
+                # refuse a plan the cluster cannot hold before any actor starts: Ray would wait forever
+                plan = plan_placement(demands(cfg, needed, draft, has_gpu()), placement, ray_nodes())
+                reserve(plan, placement, into=reservation)
+                build_roles(needed, cfg, draft, into=roles, scheduling=reservation.strategies)
         ctx = context(cfg, roles, draft, out_dir)  # waits for the policy replicas to load
+        # a warm replica counts the calls of earlier runs too
+        calls_before = [info["calls"] for info in ctx.policy.info()] if ctx.policy is not None else []
         ready = time.perf_counter()
         failures = run_batches(workflow, todo, ctx, results, cfg, total=len(records))
         if workflow.finish is not None and not failures:
             trained = workflow.finish(results.read(), ctx)
             write_folder(out_dir / "value", trained["files"])
         finished = time.perf_counter()
-        loop = ctx.policy if ctx.policy is not None else ctx.baseline
-        replica_calls = [info["calls"] for info in loop.info()] if loop is not None else []
+        replica_calls = [info["calls"] - before for info, before in zip(ctx.policy.info(), calls_before, strict=True)] \
+            if ctx.policy is not None else []
+        cache_counts = ctx.policy.counts() if isinstance(ctx.policy, CachedPolicy) else None
+        if own_roles:
+            actors = {role: n for role, group in roles.items() if (n := _started(group)) is not None}
+            if ctx.policy is not None:
+                actors["policy_pids"] = [info["pid"] for info in ctx.policy.info()]
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM through the CLI's handler: keep what finished
         stopped = err
         _ignore_signals()  # a second Ctrl-C must not cut the cleanup short and orphan Ray's processes
@@ -105,7 +130,11 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
         if own_roles:
             for group in (roles or {}).values():
                 group.shutdown()
-        if started_ray:
+            if reservation.groups:
+                reservation.shutdown()
+        if started_ray and not (cfg.cluster.warm and stopped is None):
+            # a warm local Ray stays up for the next run in this process (a -m sweep's next point) and
+            # ends with the process
             import ray
 
             ray.shutdown()
@@ -123,6 +152,11 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
         summary["metrics"]["retried_errors"] = retried
     if trained is not None:
         summary["metrics"]["value"] = {"path": str(out_dir / "value"), **trained["card"]}
+    if actors is not None:  # the role actors this run started (each loads its model; warm ones are reused)
+        # and the policy replicas' processes
+        summary["metrics"]["actors_started"] = actors
+    if cache_counts is not None:  # samples served from the cache, samples generated, and their tokens
+        summary["metrics"]["generation_cache"] = cache_counts
     if stopped is not None:
         summary["metrics"]["stopped_by"] = signal.Signals(getattr(stopped, "signum", signal.SIGINT)).name
     write_atomic(out_dir / "summary.json", dumps(summary, indent=2) + "\n")
@@ -303,10 +337,31 @@ def value_terms(cfg: DictConfig) -> tuple[list[tuple[str, float]], list[tuple[st
     return heads, separate
 
 
+def needed_roles(cfg: DictConfig) -> tuple[str, ...]:
+    """The roles to build: the workflow's, plus the policy (the reference) for reward=calibrated, plus a
+    candidate group for workflow=win_rate with a candidate model of its own."""
+    roles = WORKFLOWS[cfg.workflow.name].needs(cfg.workflow)
+    if cfg.reward.name == "calibrated" and "reward" in roles and "policy" not in roles:
+        roles = (*roles, "policy")
+    if "candidate" in roles and not cfg.workflow.candidate:
+        roles = tuple(r for r in roles if r != "candidate")  # the reference itself: the policy group serves it
+    return roles
+
+
 def context(cfg: DictConfig, roles: dict[str, Any], draft: dict | None, out_dir: Path | None = None) -> Context:
+    """The workflow's Context over the role groups; with reward=calibrated, the reward role is the base
+    reward group calibrated against the policy group's samples (`actors.calibrated`)."""
     policy = roles.get("policy") or roles.get("baseline")  # the model the loop runs on
     info = policy.info()[0] if policy is not None else {}
-    return Context(
+    if policy is not None and cfg.generation_cache:
+        m = cfg.model
+        # the driver of a joined cluster need not hold the weights: the path names them there
+        identity = model_identity(
+            m.path if joins_cluster(cfg.cluster.address) else str(resolve_model_path(m.path)),
+            engine=m.engine, dtype=m.dtype, device=m.device,
+            engine_kwargs=OmegaConf.to_container(m.engine_kwargs, resolve=True))
+        policy = CachedPolicy(policy, GenerationCache(cfg.generation_cache, identity))
+    ctx = Context(
         workflow=cfg.workflow,
         params=SamplingParams(
             max_new_tokens=cfg.generation.max_new_tokens,
@@ -324,15 +379,46 @@ def context(cfg: DictConfig, roles: dict[str, Any], draft: dict | None, out_dir:
         baseline=roles.get("baseline"),
         baseline_reward=roles.get("baseline_reward"),
         baseline_trainer=roles.get("baseline_trainer"),
-        run_dir=None if out_dir is None else str(out_dir),
         reward_name=cfg.reward.target or cfg.reward.name,
+        candidate=roles.get("candidate", policy if "candidate" in WORKFLOWS[cfg.workflow.name].roles else None),
         chat=bool(cfg.model.chat_template),
         value=roles.get("value"),
         trainer=roles.get("trainer"),
         eos_token_ids=list(info.get("eos_token_ids", [])),
         value_config=cfg.value,
+        out_dir=out_dir,
         **({"context_length": info["context_length"]} if policy is not None else {}),
     )
+    if cfg.reward.name == "calibrated" and ctx.reward is not None:
+        ctx.reward = calibrated_reward(cfg, ctx.reward, policy, ctx.params, ctx.chat)
+    return ctx
+
+
+def calibrated_reward(cfg: DictConfig, base: Any, reference: Any, params: SamplingParams, chat: bool) -> Any:
+    """The reward role of reward=calibrated: `base` (the base reward's group) calibrated against
+    samples of `reference` (the policy group), with the on-disk cache keyed by everything that fixes
+    a prompt's reference scores."""
+    import json
+
+    from qsteer.actors.calibrated import CalibratedRewardGroup
+    from qsteer.config.base import build_checked
+    from qsteer.config.groups import CalibratedRewardConfig
+    from qsteer.models import cache_dir
+    from qsteer.rewards.calibrated import ReferenceCache
+
+    if reference is None:
+        raise ConfigError("reward=calibrated needs the policy (the reference) to sample from; none was built")
+    r = build_checked(CalibratedRewardConfig, OmegaConf.to_container(cfg.reward, resolve=True), "reward")
+    cache = ReferenceCache(
+        folder=r.cache or cache_dir() / "calibrated",
+        model=f"{cfg.model.path}:{cfg.model.engine}:{cfg.model.dtype}",
+        reward=json.dumps({"base": r.base, "target": r.target, "kwargs": r.kwargs}, sort_keys=True, default=str),
+        sampling={"max_new_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p,
+                  "top_k": params.top_k, "stop": list(params.stop), "chat": chat},
+        seed=params.seed,
+    )
+    return CalibratedRewardGroup(base, reference, params, num_reference=r.num_reference, transform=r.transform,
+                                 t=r.resolved_t(), chat=chat, cache=cache)
 
 
 def run_batches(workflow: Workflow, todo: list[dict], ctx: Context, results: ResultsFile, cfg: DictConfig,
@@ -377,6 +463,8 @@ def check_local_resources(cfg: DictConfig, roles: tuple[str, ...], draft: dict |
         if draft is not None and draft["kind"] == "model" and not draft.get("colocate", True) \
                 and cfg.model.engine == "hf":
             groups.append(("draft", "draft.actor", cfg.draft.actor))
+    if "candidate" in roles:
+        groups.append(("candidate", "model", cfg.model))  # built with the policy's resources
     if "reward" in roles:
         groups.append(("reward", "reward", cfg.reward))
     if "value" in roles and value_terms(cfg)[1]:
@@ -417,31 +505,10 @@ def check_local_resources(cfg: DictConfig, roles: tuple[str, ...], draft: dict |
                               f"this machine has {gpus}; set num_gpus to auto or lower it")
 
 
-def connect(cluster: DictConfig) -> bool:
-    """Join or start Ray; True when this call started it (and so should stop it)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if cluster.address is None:
-        # "local" always starts a private instance; None would join RAY_ADDRESS or the last cluster
-        # started on this machine (/tmp/ray), and hang retrying one that has died.
-        ray.init(
-            address="local",
-            num_cpus=cluster.num_cpus,
-            include_dashboard=bool(cluster.dashboard),
-            dashboard_host="127.0.0.1",
-            namespace=cluster.namespace,
-            log_to_driver=True,
-        )
-    else:
-        ray.init(address=cluster.address, namespace=cluster.namespace)
-    return True
-
-
 def build_roles(roles: tuple[str, ...], cfg: DictConfig, draft: dict | None = None,
-                into: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The Ray groups of the roles a workflow needs, with resources from the config.
+                into: dict[str, Any] | None = None, scheduling: dict[str, list] | None = None) -> dict[str, Any]:
+    """The Ray groups of the roles a workflow needs, with resources from the config, each replica in its
+    placement group bundle where `scheduling` (role -> strategy per replica, from `placement.reserve`) says.
 
     Each group goes into `into` as soon as it exists, so a failure or a stop while later ones
     start still leaves the caller every group to shut down.
@@ -454,6 +521,7 @@ def build_roles(roles: tuple[str, ...], cfg: DictConfig, draft: dict | None = No
     from qsteer.actors.roles import BaselineTrainerGroup, PolicyGroup, RewardGroup, ValueSum
 
     groups: dict[str, Any] = {} if into is None else into
+    scheduling = scheduling or {}
     has_gpu = ray.cluster_resources().get("GPU", 0) > 0
     heads, separate = value_terms(cfg) if "value" in roles else ([], [])
     threads_shared = sum(1 for role in ("policy", "baseline") if role in roles)
@@ -467,7 +535,7 @@ def build_roles(roles: tuple[str, ...], cfg: DictConfig, draft: dict | None = No
         own_gpu = has_gpu and not (m.engine == "vllm" and int(engine_kwargs.get("tensor_parallel_size", 1)) > 1)
         num_gpus = (1 if own_gpu else 0) if m.num_gpus == "auto" else m.num_gpus
         threads = m.num_threads
-        if threads is None and cfg.cluster.address is None and not num_gpus:
+        if threads is None and not joins_cluster(cfg.cluster.address) and not num_gpus:
             threads = max(1, (os.cpu_count() or 1) // (m.replicas * threads_shared))
         policy = ActorGroup(
             PolicyActor,
@@ -476,6 +544,8 @@ def build_roles(roles: tuple[str, ...], cfg: DictConfig, draft: dict | None = No
             num_cpus=m.num_cpus,
             num_gpus=num_gpus,
             max_restarts=m.max_restarts,
+            scheduling=scheduling.get("policy"),
+            warm=cfg.cluster.warm,
             engine=m.engine,
             num_threads=threads,
             path=m.path,
@@ -489,8 +559,12 @@ def build_roles(roles: tuple[str, ...], cfg: DictConfig, draft: dict | None = No
         )
         groups["policy"] = PolicyGroup(policy)
         if draft is not None and draft["kind"] == "model" and not draft.get("colocate", True) and m.engine == "hf":
-            groups["draft"] = build_draft_group(cfg, has_gpu)
+            groups["draft"] = build_draft_group(cfg, has_gpu, scheduling.get("draft"))
             attach_drafts(policy, groups["draft"])
+    if "candidate" in roles:
+        # a second policy-like role: the same engine and resources as model=, another model path
+        groups["candidate"] = PolicyGroup(policy_actors(cfg, cfg.workflow.candidate, has_gpu, None, role="candidate",
+                                                        scheduling=scheduling.get("candidate")))
     if separate:
         value_group = build_value_group(cfg, separate, has_gpu)
         groups["value"] = ValueSum(groups["policy"] if heads else None, value_group)
@@ -503,7 +577,7 @@ def build_roles(roles: tuple[str, ...], cfg: DictConfig, draft: dict | None = No
         b = cfg.baseline
         num_gpus = (1 if has_gpu else 0) if b.num_gpus == "auto" else b.num_gpus
         threads = b.num_threads
-        if threads is None and cfg.cluster.address is None and not num_gpus:
+        if threads is None and not joins_cluster(cfg.cluster.address) and not num_gpus:
             threads = max(1, (os.cpu_count() or 1) // (b.replicas * threads_shared))
         groups["baseline"] = PolicyGroup(ActorGroup(
             PolicyActor, role="baseline", replicas=b.replicas, num_cpus=b.num_cpus, num_gpus=num_gpus,
@@ -522,7 +596,9 @@ def build_roles(roles: tuple[str, ...], cfg: DictConfig, draft: dict | None = No
             num_cpus=r.num_cpus,
             num_gpus=r.num_gpus,
             max_restarts=r.max_restarts,
-            name=r.name,
+            scheduling=scheduling.get(role),
+            warm=cfg.cluster.warm,
+            name=r.base if r.name == "calibrated" else r.name,
             target=r.target,
             kwargs=OmegaConf.to_container(r.kwargs, resolve=True),
         ))
@@ -561,7 +637,7 @@ def _value_actor_options(cfg: DictConfig, has_gpu: bool, replicas: int) -> dict[
     v = cfg.value
     num_gpus = (1 if has_gpu else 0) if v.num_gpus == "auto" else v.num_gpus
     threads = v.num_threads
-    if threads is None and cfg.cluster.address is None and not num_gpus:
+    if threads is None and not joins_cluster(cfg.cluster.address) and not num_gpus:
         threads = max(1, (os.cpu_count() or 1) // replicas)
     return {"num_cpus": v.num_cpus, "num_gpus": num_gpus, "max_restarts": v.max_restarts, "num_threads": threads,
             "dtype": v.dtype, "device": v.device}
@@ -591,7 +667,47 @@ def build_trainer_group(cfg: DictConfig, has_gpu: bool):
         train_batch=v.train_batch, seed=cfg.seed, **_value_actor_options(cfg, has_gpu, 1)))
 
 
-def build_draft_group(cfg: DictConfig, has_gpu: bool):
+def policy_actors(cfg: DictConfig, path: str, has_gpu: bool, draft: dict | None, role: str = "model",
+                  scheduling: list | None = None, **extra: Any) -> Any:
+    """Ray actors hosting `path` with model='s engine and resources (the policy, or win_rate's candidate)."""
+    from qsteer.actors.group import ActorGroup
+    from qsteer.actors.policy import PolicyActor
+
+    m = cfg.model
+    engine_kwargs = OmegaConf.to_container(m.engine_kwargs, resolve=True)
+    if draft is not None and m.engine == "vllm":
+        engine_kwargs["speculative"] = draft  # vLLM fixes its speculative_config at engine start
+    # vLLM with tensor parallelism places its own GPU workers (Ray actors in a placement group
+    # of tensor_parallel_size bundles, distributed_executor_backend="ray"): the actor needs none.
+    own_gpu = has_gpu and not (m.engine == "vllm" and int(engine_kwargs.get("tensor_parallel_size", 1)) > 1)
+    num_gpus = (1 if own_gpu else 0) if m.num_gpus == "auto" else m.num_gpus
+    threads = m.num_threads
+    if threads is None and not joins_cluster(cfg.cluster.address) and not num_gpus:
+        threads = max(1, (os.cpu_count() or 1) // m.replicas)
+    policy = ActorGroup(
+        PolicyActor,
+        role=role,
+        replicas=m.replicas,
+        num_cpus=m.num_cpus,
+        num_gpus=num_gpus,
+        max_restarts=m.max_restarts,
+        scheduling=scheduling,
+        warm=cfg.cluster.warm,
+        engine=m.engine,
+        num_threads=threads,
+        path=path,
+        dtype=m.dtype,
+        device=m.device,
+        max_batch_rows=m.max_batch_rows,
+        chat_template=m.chat_template,
+        **({"prefix_cache_tokens": m.prefix_cache_tokens} if m.engine == "hf" else {}),
+        **extra,
+        **engine_kwargs,
+    )
+    return policy
+
+
+def build_draft_group(cfg: DictConfig, has_gpu: bool, scheduling: list | None = None):
     """Draft actors for a model draft that does not live inside the policy actors."""
     from qsteer.actors.draft import DraftActor
     from qsteer.actors.group import ActorGroup
@@ -599,10 +715,84 @@ def build_draft_group(cfg: DictConfig, has_gpu: bool):
     a = cfg.draft.actor
     num_gpus = (1 if has_gpu else 0) if a.num_gpus == "auto" else a.num_gpus
     threads = a.num_threads
-    if threads is None and cfg.cluster.address is None and not num_gpus:
+    if threads is None and not joins_cluster(cfg.cluster.address) and not num_gpus:
         threads = os.cpu_count() or 1  # drafting and verifying alternate, so each may use every core
     return ActorGroup(
         DraftActor, role="draft", replicas=a.replicas, num_cpus=a.num_cpus, num_gpus=num_gpus,
-        max_restarts=a.max_restarts, num_threads=threads, path=cfg.draft.path or cfg.model.path,
+        max_restarts=a.max_restarts, scheduling=scheduling, warm=cfg.cluster.warm, num_threads=threads, path=cfg.draft.path or cfg.model.path,
         dtype=a.dtype, device=a.device, chat_template=cfg.model.chat_template,
     )
+
+
+def _started(group: Any) -> int | None:
+    """How many actors a role group started this run (None for groups that start none themselves)."""
+    return getattr(getattr(group, "replicas", group), "started", None)
+
+
+def demands(cfg: DictConfig, roles: tuple[str, ...], draft: dict | None, gpu: bool) -> list[Demand]:
+    """Every actor the run starts, for the placement plan: the policy, draft and reward roles, and (placed
+    freely) the value= group's actors (separate-backbone values; workflow=train_value's trainer) and the
+    sandbox pool."""
+    out = role_demands(cfg, roles, draft, gpu)
+    v = cfg.get("value")
+    if v is not None and ("trainer" in roles or ("value" in roles and value_terms(cfg)[1])):
+        gpus = float((1 if gpu else 0) if v.num_gpus == "auto" else v.num_gpus)
+        if "value" in roles and value_terms(cfg)[1]:
+            out.append(Demand("value", v.replicas, float(v.num_cpus), gpus))
+        if "trainer" in roles:
+            out.append(Demand("trainer", 1, float(v.num_cpus), gpus))
+    if "candidate" in roles:  # win_rate's candidate model: the policy's resources
+        m = cfg.model
+        out.append(Demand("candidate", m.replicas, float(m.num_cpus),
+                          float((1 if gpu else 0) if m.num_gpus == "auto" else m.num_gpus)))
+    if "baseline" in roles:  # Transfer Q*'s aligned model, its reward and align_baseline's trainer
+        b = cfg.baseline
+        out.append(Demand("baseline", b.replicas, float(b.num_cpus),
+                          float((1 if gpu else 0) if b.num_gpus == "auto" else b.num_gpus)))
+    if "baseline_reward" in roles:
+        r = cfg.baseline.reward
+        out.append(Demand("baseline_reward", r.replicas, float(r.num_cpus),
+                          float((1 if gpu else 0) if r.num_gpus == "auto" else r.num_gpus)))
+    if "baseline_trainer" in roles:
+        m = cfg.model
+        out.append(Demand("baseline_trainer", 1, float(m.num_cpus),
+                          float((1 if gpu else 0) if m.num_gpus == "auto" else m.num_gpus)))
+    if "sandbox" in roles:  # as build_roles gives them: no GPU unless asked
+        b = cfg.sandbox
+        out.append(Demand("sandbox", b.replicas, float(b.num_cpus), float(0 if b.num_gpus == "auto" else b.num_gpus)))
+    return out
+
+
+def has_gpu() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def dry_run(cfg: DictConfig, placement: tuple) -> dict[str, Any]:
+    """Print the placement plan and whether the cluster holds it; start no actor, load no model.
+
+    A run that would start a local Ray plans on this machine without starting it; one that joins
+    a cluster reads the cluster's nodes. A plan it cannot hold raises PlacementError naming the role.
+    """
+    workflow = WORKFLOWS[cfg.workflow.name]
+    draft = speculative_config(cfg)
+    if joins_cluster(cfg.cluster.address):
+        import ray
+
+        started = connect(cfg.cluster)
+        try:
+            nodes = ray_nodes()
+        finally:
+            if started:
+                ray.shutdown()
+    else:
+        import torch
+
+        cpus = cfg.cluster.num_cpus or os.cpu_count() or 1
+        nodes = [Node("local", "this machine", {"CPU": float(cpus), "GPU": float(torch.cuda.device_count())})]
+    gpu = any(n.resources.get("GPU", 0) > 0 for n in nodes)
+    plan = plan_placement(demands(cfg, workflow.roles, draft, gpu), placement, nodes)
+    print(f"qsteer dry run: workflow={cfg.workflow.name}; no actor started, no model loaded")
+    print(plan.table())
+    return {"dry_run": True, "fits": True, "plan": plan.rows()}

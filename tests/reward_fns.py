@@ -28,3 +28,29 @@ def first_passes_second_crashes(prompts, completions, id, **kwargs):
 
 
 first_passes_second_crashes.pass_fail = True
+
+
+def text_hash(prompts, completions, **kwargs):
+    """A reward continuous in distribution: the completion's blake2b hash as a number in [0, 1).
+    Different texts (almost surely) get different rewards, so win rates have no ties but repeats."""
+    import hashlib
+
+    return [int.from_bytes(hashlib.blake2b(c.encode(), digest_size=8).digest(), "little") / 2.0**64
+            for c in completions]
+
+
+def text_hash_affine(prompts, completions, **kwargs):
+    """3 r + 1 of `text_hash`: an increasing map of it."""
+    return [3.0 * r + 1.0 for r in text_hash(prompts, completions)]
+
+
+def text_hash_exp(prompts, completions, **kwargs):
+    """exp r of `text_hash`: an increasing map of it."""
+    import math
+
+    return [math.exp(r) for r in text_hash(prompts, completions)]
+
+
+def constant(prompts, completions, **kwargs):
+    """Every completion ties."""
+    return [1.0 for _ in completions]

@@ -22,7 +22,7 @@ def test_value_roles_on_ray(ray_session, compose, tiny_path, tmp_path):
     from qsteer.training.value import save_value_model
     from qsteer.values.model import ValueModel
 
-    base = [f"model.path={tiny_path}", "dataset.limit=4", "generation.max_new_tokens=8", "batch_size=2",
+    base = [f"model.path={tiny_path}", "dataset.limit=2", "generation.max_new_tokens=6", "batch_size=2",
             "model.num_threads=1"]
     train = run_job(compose("workflow=train_value", *base, "value.samples_per_prompt=3", "value.epochs=2",
                             "value.lr=1e-2"), tmp_path / "train")

@@ -26,11 +26,18 @@ class ActorGroup:
         num_gpus: float = 0,
         resources: dict[str, float] | None = None,
         max_restarts: int = 2,
+        scheduling: list[Any] | None = None,
+        warm: bool = False,
         **init_kwargs: Any,
     ) -> None:
+        """`scheduling`: a Ray scheduling strategy per replica (its placement group bundle), or None.
+        `warm`: the replicas are detached Ray actors named by a digest of everything that makes them
+        (`warm_name`), found again by a later group with the same settings and left running by
+        `shutdown`; `started` counts the replicas this group had to start (each one loads its model)."""
         if replicas < 1:
             raise ValueError(f"{role}.replicas must be >= 1, got {replicas}")
-        remote_cls = ray.remote(actor_cls).options(
+        remote_cls = ray.remote(actor_cls)
+        options = dict(
             num_cpus=num_cpus,
             num_gpus=num_gpus,
             resources=resources or None,
@@ -38,8 +45,22 @@ class ActorGroup:
             max_task_retries=max_restarts,
             max_concurrency=1,
         )
+        if scheduling is not None and len(scheduling) != replicas:
+            raise ValueError(f"{role}: {len(scheduling)} placement bundles for {replicas} replicas")
         self.role = role
-        self.actors = [remote_cls.remote(**init_kwargs) for _ in range(replicas)]
+        self.warm = warm
+        name = warm_name(role, actor_cls, options=options, init=init_kwargs) if warm else None
+        self.actors, self.started = [], 0
+        for i in range(replicas):
+            if name is not None:
+                try:
+                    self.actors.append(ray.get_actor(f"{name}-{i}"))
+                    continue
+                except ValueError:  # none yet: start it (get_if_exists: another driver may be starting it too)
+                    options.update(name=f"{name}-{i}", lifetime="detached", get_if_exists=True)
+            extra = {} if scheduling is None else {"scheduling_strategy": scheduling[i]}
+            self.actors.append(remote_cls.options(**options, **extra).remote(**init_kwargs))
+            self.started += 1
         self._in_flight: list[list[ray.ObjectRef]] = [[] for _ in self.actors]
         self._lock = threading.Lock()
 
@@ -74,8 +95,23 @@ class ActorGroup:
         return ray.get([getattr(actor, method).remote(*args) for actor in self.actors])
 
     def shutdown(self) -> None:
+        if self.warm:
+            return  # left for the next run; `python -m qsteer.cluster.warm stop` ends them
         for actor in self.actors:
             ray.kill(actor)
+
+
+WARM_PREFIX = "qsteer-warm-"
+
+
+def warm_name(role: str, actor_cls: type, **settings: Any) -> str:
+    """The name of a role's warm actors: a digest of everything their constructor and resources get."""
+    import hashlib
+    import json
+
+    spec = json.dumps({"class": f"{actor_cls.__module__}.{actor_cls.__qualname__}", **settings}, sort_keys=True,
+                      default=str)
+    return f"{WARM_PREFIX}{role}-{hashlib.blake2b(spec.encode(), digest_size=6).hexdigest()}"
 
 
 def attach_drafts(policy: ActorGroup, draft: ActorGroup) -> None:

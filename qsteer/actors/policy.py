@@ -47,6 +47,7 @@ class Policy:
         stats = getattr(self.engine, "prefix_cache_stats", None)  # the hf engine's, when its cache is on
         return {
             "context_length": self.engine.context_length,
+            "path": getattr(self.engine, "path", None),  # the model folder (ctrl_align trains from it)
             "eos_token_ids": self.engine.eos_token_ids,
             "pid": os.getpid(),
             "calls": self.calls,

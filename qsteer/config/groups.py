@@ -86,6 +86,57 @@ class RewardConfig(Resources):
                 raise Invalid("target", f"={self.target!r} is not callable")
 
 
+BaseReward = Literal["sentiment", "code_tests", "judge", "model", "callable"]
+
+
+@dataclass(frozen=True)
+class CalibratedRewardConfig(RewardConfig):
+    """InfAlign's calibrated reward: the base reward's rank among the reference policy's own samples
+    (the `model=` policy, sampled with `generation.*` and `seed`), ties as half, then transformed.
+    Usable in every workflow and as ctrl_align's training reward."""
+
+    name: Literal["calibrated"] = "calibrated"
+    """The calibrated reward."""
+    base: BaseReward = "sentiment"
+    """The reward being calibrated (its `target` and `kwargs` are this node's `target` and `kwargs`)."""
+    num_reference: Annotated[int, Range(1)] = 32
+    """Reference samples per prompt (M); the calibrated reward's resolution is 1/M."""
+    transform: Literal["identity", "bon", "won"] = "identity"
+    """`identity`: C itself (its mean is the standard win rate against the reference); `bon`: exp(t C),
+    computed as exp(t (C - 1)), for a policy decoded with Best-of-N; `won`: -exp(-t C), for worst-of-N."""
+    t: Annotated[float, Range(0, low_open=True)] | None = None
+    """The transform's t; null: the analytic tool's best t for `n` and `kl_budget` (Best-of-4 at KL 1: 20)."""
+    n: Annotated[int, Range(1)] = 4
+    """The N of the Best-of-N (or worst-of-N) procedure the transform serves; only for the default t."""
+    kl_budget: Annotated[float, Range(0, low_open=True)] = 1.0
+    """The KL (nats) the aligned policy is expected to reach; only for the default t."""
+    cache: str | None = resource(None)
+    """Folder of the on-disk reference-score cache (keyed by model, prompt, sampling, seed, M and base
+    reward); null: `$QSTEER_CACHE/calibrated`."""
+
+    def check(self) -> None:
+        if self.base == "callable" and not self.target:
+            raise Invalid("target", "is required by reward.base=callable (`reward.target=package.module:function`)")
+        super().check()
+        self.resolved_t()
+
+    def resolved_t(self) -> float | None:
+        """`t`, or the default t for (transform, n, kl_budget); None for identity."""
+        if self.transform == "identity":
+            return None
+        if self.t is not None:
+            return self.t
+        from qsteer.metrics.calibrated_space import default_t
+
+        return default_t(self.transform, self.n, self.kl_budget)
+
+
+REWARD_CONFIGS: dict[str, type[RewardConfig]] = {
+    **{name: RewardConfig for name in BaseReward.__args__},
+    "calibrated": CalibratedRewardConfig,
+}
+
+
 @dataclass(frozen=True)
 class SandboxConfig(Resources):
     """The sandbox pool: actors that run model-written code against tests (CPU only, bubblewrap)."""
@@ -166,13 +217,36 @@ class DatasetConfig(Config):
             raise Invalid("path", "is required by dataset=jsonl (add `dataset.path=FILE.jsonl` to the command)")
 
 
+Role = Literal["policy", "draft", "reward"]  # the roles with actors of their own (model, draft.actor, reward)
+
+
+@dataclass(frozen=True)
+class PlacementGroupConfig(Config):
+    """One Ray placement group (after veRL's resource pools and OpenRLHF's colocated groups)."""
+
+    roles: tuple[Role, ...]
+    """The roles placed together. Bundle i holds replica i of each of them, so they need equal
+    replicas; roles in one bundle share its resources (policy and a draft actor on one GPU with
+    `model.num_gpus=0.5`, `draft.actor.num_gpus=0.5`)."""
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How the bundles spread over nodes (Ray's placement strategies): `STRICT_SPREAD`, one node
+    per bundle; `STRICT_PACK`, all on one node; `PACK`/`SPREAD`, preferably so."""
+
+    def check(self) -> None:
+        if not self.roles:
+            raise Invalid("roles", "is empty: name at least one of policy, draft, reward")
+        if len(set(self.roles)) != len(self.roles):
+            raise Invalid("roles", f"names a role twice: {list(self.roles)}")
+
+
 @dataclass(frozen=True)
 class ClusterConfig(Config):
     """The Ray cluster the job runs on."""
 
     address: str | None = None
-    """null: start a private local Ray (never joining `RAY_ADDRESS` or an earlier one); `auto`: join
-    the running cluster; or `ray://host:port`."""
+    """null: start a private local Ray (never joining `RAY_ADDRESS` or an earlier one), except in a
+    job submitted with `ray job submit`, which joins the cluster running it; `auto`: join the
+    running cluster; or `HOST:PORT` / `ray://host:port`."""
     num_cpus: Annotated[int, Range(1)] | None = None
     """Local Ray only: CPUs it may use; null: all cores. Actors that do not fit are refused before Ray
     starts."""
@@ -180,6 +254,31 @@ class ClusterConfig(Config):
     """Local Ray only: start its dashboard, bound to 127.0.0.1."""
     namespace: str = "qsteer"
     """The Ray namespace of the job's actors."""
+    placement: tuple[PlacementGroupConfig, ...] = ()
+    """Placement groups, each `{roles: [...], strategy: ...}`; a role in none of them is placed by Ray
+    freely. The plan is checked against the cluster's nodes before any actor starts, and a plan
+    the cluster cannot hold is refused naming the role. E.g.
+    `cluster.placement='[{roles: [policy], strategy: STRICT_SPREAD}]'`."""
+    warm: bool = False
+    """Keep the role actors alive after the run, named after their config (Ray detached actors), and
+    reuse them in later runs with the same role config: a `-m` sweep loads each model once. Stop
+    them with `python -m qsteer.cluster.warm stop`. Not with `placement` (a placement group ends
+    with its run)."""
+    dry_run: bool = False
+    """Print the plan (each role's replicas, resources, placement group bundle and node) and whether
+    the cluster can hold it, then stop: no actor starts and no model loads."""
+
+    def check(self) -> None:
+        if self.warm and self.placement:
+            raise Invalid("warm", "cannot be combined with cluster.placement yet: a run's placement groups end "
+                          "with it and would take the warm actors along")
+        seen: dict[str, int] = {}
+        for index, group in enumerate(self.placement):
+            for role in group.roles:
+                if role in seen:
+                    raise Invalid(f"placement[{index}].roles", f"names {role}, already placed by "
+                                  f"placement[{seen[role]}]: a role goes in one placement group")
+                seen[role] = index
 
 
 @dataclass(frozen=True)

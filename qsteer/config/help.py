@@ -212,6 +212,12 @@ def markdown() -> str:
             choices = ", ".join(f"`{o}`" for o in options(group))
             rows.append(f"| **`{group}=`** {choices} | | | {_cell(option_doc(cls))} |")
             add(found)
+            shared = {k.name for k in found}
+            for option in options(group):  # an option with a class of its own (reward=calibrated): its own keys
+                own_cls, own = option_keys(group, option)
+                if own_cls is not cls:
+                    rows.append(f"| **`{group}={option}`** | | | {_cell(option_doc(own_cls))} |")
+                    add([k for k in own if k.name not in shared])
     rows.append("| **top level** | | | |")
     add(top_level_keys())
     return "\n".join(rows) + "\n"

@@ -29,6 +29,7 @@ from qsteer.config.base import (
 )
 from qsteer.config.draft import DRAFT_GROUPS, decoding_fields
 from qsteer.config.groups import (
+    REWARD_CONFIGS,
     BaselineConfig,
     ClusterConfig,
     DatasetConfig,
@@ -73,6 +74,10 @@ class JobConfig(Config):
     """Prompts per workflow call; results are written as each batch finishes."""
     progress: bool = resource(True)
     """Show a progress bar on stderr."""
+    generation_cache: str | None = resource(None)
+    """A folder of completions keyed by model, prompt tokens, sampling parameters, seed, prompt id and
+    sample index (`qsteer/cache.py`): a rerun with a new reward generates nothing, a larger
+    `workflow.n` only the new samples. Shareable between runs; null: off."""
 
     def check(self) -> None:
         if getattr(self.workflow, "mode", None) == "tokenwise" and self.model.engine != "hf":
@@ -88,8 +93,8 @@ GROUPS = ("workflow", "model", "draft", "value", "reward", "sandbox", "baseline"
 
 def group_class(group: str, node: Any) -> type:
     """The dataclass of a group's node: the workflow's by `name`, the draft's by `kind`."""
-    registry, selector = {"workflow": (WORKFLOW_CONFIGS, "name"), "draft": (DRAFT_GROUPS, "kind")}.get(
-        group, (None, None))
+    registry, selector = {"workflow": (WORKFLOW_CONFIGS, "name"), "draft": (DRAFT_GROUPS, "kind"),
+                          "reward": (REWARD_CONFIGS, "name")}.get(group, (None, None))
     if registry is None:
         return type_hints(JobConfig)[group]
     choice = node.get(selector) if isinstance(node, dict) else None

@@ -296,6 +296,59 @@ class AlignBaselineConfig(WorkflowConfig):
     """Prompt plus completion tokens kept per example."""
     eval_n: Annotated[int, Range(1)] = 2
     """Samples per prompt from the trained model for the card's reward after (seeded as the pairs were)."""
+class WinRateConfig(WorkflowConfig):
+    """The win rate of a candidate model against the reference (`model=`) under an inference-time
+    procedure, judged by the reward with ties as half, with its interval over prompts, and the
+    candidate's KL to the reference (k1 and k3, from log-probabilities of the candidate's samples)."""
+
+    name: Literal["win_rate"] = "win_rate"
+    """Win rate against the reference."""
+    candidate: str | None = None
+    """The candidate model: a local folder (e.g. a ctrl_align run's `model/`) or a hub id; null: the
+    reference itself (a self-check: 0.5 within the interval)."""
+    procedure: Literal["sample", "bon", "won"] = "sample"
+    """Decoding applied to each side: one sample, Best-of-N or worst-of-N (`n`)."""
+    n: Annotated[int, Range(1)] = 1
+    """The procedure's N."""
+    samples: Annotated[int, Range(1)] | None = None
+    """Samples per side per prompt (>= n); the closed form averages over all their N-subsets. null: n."""
+    opponent: Literal["procedure", "sample"] = "procedure"
+    """`procedure`: T(candidate) against T(reference) (InfAlign's inference-time win rate); `sample`:
+    T(candidate) against one reference sample (Best-of-N of the reference then gives N/(N+1))."""
+    confidence: Annotated[float, Range(0, 1, low_open=True)] = 0.95
+    """Coverage of the interval (`metrics.win_rate_ci_low`, `..._ci_high`), normal over prompts."""
+
+    def check(self) -> None:
+        if self.samples is not None and self.samples < self.n:
+            raise Invalid("samples", f"must be >= workflow.n={self.n} (the procedure draws n of them), got {self.samples}")
+
+
+@dataclass(frozen=True)
+class CtrlAlignConfig(WorkflowConfig):
+    """InfAlign's CTRL: KL-regularised RL (TRL's RLOOTrainer, KL estimator k1 in the reward) of the
+    policy on the reward (with `reward=calibrated`, the transformed calibrated reward), then an
+    evaluation of the trained model against the reference; the model is saved in the run folder."""
+
+    name: Literal["ctrl_align"] = "ctrl_align"
+    """CTRL alignment."""
+    beta: Annotated[float, Range(0)] = 0.05
+    """KL coefficient: the objective is E[reward] - beta KL(pi || pi_ref) (RLOOConfig.beta)."""
+    steps: Annotated[int, Range(1)] = 12
+    """Optimiser steps (RLOOConfig.max_steps)."""
+    prompts_per_step: Annotated[int, Range(1)] = 2
+    """Prompts per step; each gets `num_generations` completions."""
+    num_generations: Annotated[int, Range(2)] = 4
+    """Completions per prompt in a step (RLOO's leave-one-out baseline needs >= 2)."""
+    learning_rate: Annotated[float, Range(0, low_open=True)] = 2e-5
+    """AdamW learning rate (TRL's default, 1e-6, barely moves a 135M model in a few steps)."""
+    eval_samples: Annotated[int, Range(1)] = 16
+    """Samples per side per prompt at evaluation (>= every N in `eval_n`)."""
+    eval_n: tuple[Annotated[int, Range(1)], ...] = (1, 4, 16)
+    """Best-of-N win rates against Best-of-N of the reference reported at evaluation (1: plain sampling)."""
+
+    def check(self) -> None:
+        if any(n > self.eval_samples for n in self.eval_n):
+            raise Invalid("eval_n", f"has N={max(self.eval_n)} above workflow.eval_samples={self.eval_samples}")
 
 
 WORKFLOW_CONFIGS: dict[str, type[WorkflowConfig]] = {
@@ -314,4 +367,6 @@ WORKFLOW_CONFIGS: dict[str, type[WorkflowConfig]] = {
     "transfer_qstar": TransferQStarConfig,
     "args": ArgsConfig,
     "align_baseline": AlignBaselineConfig,
+    "win_rate": WinRateConfig,
+    "ctrl_align": CtrlAlignConfig,
 }

@@ -88,7 +88,7 @@ class HFEngine:
         `params.speculative`, `drafter` (any `Drafter`) drafts instead of one built here."""
         keys = keys if keys is not None else [str(i) for i in range(len(prompt_ids))]
         check_prompts(prompt_ids, keys, self.context_length)
-        rows = [(p, j) for p in range(len(prompt_ids)) for j in range(params.n)]
+        rows = [(p, params.first_sample + j) for p in range(len(prompt_ids)) for j in range(params.n)]
         if not params.speculative:
             completions = plain.generate_rows(self.lm, prompt_ids, keys, rows, params, self.max_batch_rows,
                                               continuous=self.continuous_batching, prefix_cache=self.prefix_cache)
@@ -112,7 +112,7 @@ class HFEngine:
         (`decoding.guided`); alpha = 0 is `generate`'s top-k sampling, draw for draw."""
         keys = keys if keys is not None else [str(i) for i in range(len(prompt_ids))]
         check_prompts(prompt_ids, keys, self.context_length)
-        rows = [(p, j) for p in range(len(prompt_ids)) for j in range(params.n)]
+        rows = [(p, params.first_sample + j) for p in range(len(prompt_ids)) for j in range(params.n)]
         completions = guided.generate_rows(self.lm, prompt_ids, keys, rows, params, scorer, alpha,
                                            self.max_batch_rows)
         results: list[list[Completion]] = [[] for _ in prompt_ids]

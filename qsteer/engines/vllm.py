@@ -265,9 +265,10 @@ class VLLMEngine:
                 stop_token_ids=self.eos_token_ids,
                 logprobs=0,  # the sampled token's own logprob only
                 # a continuation (params.offset, or a search step's offsets) gets its own stream: vLLM
-                # cannot skip into one
+                # cannot skip into one; vLLM seeds a request's sample j with seed + j, so samples from
+                # first_sample on (the generation cache's missing ones) start there
                 seed=sample_seed(params.seed, key if not params.stream_offset(i) else f"{key}@{params.stream_offset(i)}",
-                                 0),
+                                 0) + params.first_sample,
             )
             for i, (key, ids) in enumerate(zip(keys, prompt_ids, strict=True))
         ]

@@ -28,6 +28,9 @@ class SamplingParams:
     # max_new_tokens (a beam's share of the budget left).
     offsets: list[int] | None = None
     budgets: list[int] | None = None
+    # the samples are first_sample .. first_sample + n - 1 of each prompt's streams: a generation
+    # cache holding samples 0..3 asks for 4..7 alone, and gets what an n=8 call would give there
+    first_sample: int = 0
 
     def stream_offset(self, prompt: int) -> int:
         return self.offsets[prompt] if self.offsets is not None else self.offset

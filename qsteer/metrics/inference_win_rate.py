@@ -205,3 +205,48 @@ def kl_estimate(
     spread = prompt_means if len(prompt_means) > 1 else sample_values
     error = float(np.std(spread, ddof=1) / math.sqrt(len(spread))) if len(spread) > 1 else math.nan
     return KLEstimate(estimator, float(np.mean(prompt_means)), error, total / max(tokens, 1), len(sample_values))
+
+
+def interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean of per-prompt values and its normal interval over prompts, clipped to [0, 1] ([0, 1] for one prompt)."""
+    values = np.asarray(values, dtype=np.float64)
+    mean = float(values.mean())
+    if values.size < 2:
+        return mean, 0.0, 1.0
+    half = NormalDist().inv_cdf(0.5 + confidence / 2) * float(values.std(ddof=1)) / math.sqrt(values.size)
+    return mean, max(0.0, mean - half), min(1.0, mean + half)
+
+
+def summary_metrics(rows: Sequence[dict], confidence: float = 0.95) -> dict[str, float | int | bool | None]:
+    """A run's win-rate and KL metrics from its records (workflow=win_rate, ctrl_align's evaluation).
+
+    `win_rate` (the workflow's procedure) and each `win_rates` label give `win_rate[_label]` with
+    `_ci_low` / `_ci_high` over prompts; per-prompt KL (`kl`: k1 and k3 per sequence) gives
+    `kl_k1`, `kl_k3` (nats per sequence, mean over prompts), their standard errors, and `kl_per_token`.
+    """
+    out: dict[str, float | int | bool | None] = {}
+    series: dict[str, list[float]] = {}
+    for row in rows:
+        if row.get("win_rate") is not None:
+            series.setdefault("win_rate", []).append(row["win_rate"])
+        for label, value in (row.get("win_rates") or {}).items():
+            series.setdefault(f"win_rate_{label}", []).append(value)
+    for name, values in series.items():
+        mean, low, high = interval(values, confidence)
+        out |= {name: mean, f"{name}_ci_low": low, f"{name}_ci_high": high}
+    if series:
+        out["win_rate_prompts"] = max(len(v) for v in series.values())
+    for name, key in (("mean_calibrated", "calibrated"), ("reference_mean_calibrated", "reference_calibrated")):
+        values = [row[key] for row in rows if row.get(key) is not None]
+        if values:
+            out[name] = float(np.mean(values))
+    kls = [row["kl"] for row in rows if row.get("kl")]
+    if kls:
+        for name in KL_ESTIMATORS:
+            values = np.array([kl[name] for kl in kls], dtype=np.float64)
+            out[f"kl_{name}"] = float(values.mean())
+            out[f"kl_{name}_se"] = float(values.std(ddof=1) / math.sqrt(values.size)) if values.size > 1 else None
+        tokens = sum(kl["tokens"] for kl in kls)
+        out["kl_per_token"] = float(sum(kl["k1"] * kl["samples"] for kl in kls) / max(tokens, 1))
+        out["kl_exact"] = all(kl.get("exact", True) for kl in kls)
+    return out

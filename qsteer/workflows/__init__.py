@@ -17,6 +17,7 @@ from qsteer.workflows import (
     beam_search,
     best_of_n,
     controlled_decoding,
+    ctrl_align,
     dvts,
     ideasearch,
     pgtd,
@@ -27,6 +28,7 @@ from qsteer.workflows import (
     speculative,
     train_value,
     transfer_qstar,
+    win_rate,
 )
 from qsteer.workflows.common import Context
 
@@ -71,6 +73,10 @@ WORKFLOWS: dict[str, Workflow] = {
     "args": Workflow(args.run, ("policy", "reward")),
     "align_baseline": Workflow(align_baseline.run, ("policy", "reward", "baseline_trainer"),
                                whole_dataset=True),
+    # the policy is the reference; the candidate is a second policy-like group (the policy itself by default)
+    "win_rate": Workflow(win_rate.run, ("policy", "candidate", "reward")),
+    # training: all prompts in one call (the trainer's dataset), the model saved in the run folder
+    "ctrl_align": Workflow(ctrl_align.run, ("policy", "reward"), whole_dataset=True),
 }
 
 __all__ = ["WORKFLOWS", "Context", "Workflow"]

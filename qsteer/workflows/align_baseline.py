@@ -25,7 +25,7 @@ from qsteer.workflows.common import Choice, Context, Stats, assemble, generate_a
 
 def run(records: list[dict], ctx: Context) -> list[dict]:
     wf = ctx.workflow
-    assert ctx.policy is not None and ctx.baseline_trainer is not None and ctx.run_dir is not None
+    assert ctx.policy is not None and ctx.baseline_trainer is not None and ctx.out_dir is not None
     stats = Stats()
     completions, errors, scored = generate_and_score(records, ctx, wf.n, stats)
     pairs, chosen_rejected = [], []
@@ -41,7 +41,7 @@ def run(records: list[dict], ctx: Context) -> list[dict]:
                 pairs.append(Pair(record.get("messages") or record["prompt"], comps[best].text, comps[worst].text))
         chosen_rejected.append(pair)
 
-    folder = str(Path(ctx.run_dir) / "baseline")
+    folder = str(Path(ctx.out_dir) / "baseline")
     trained = ctx.baseline_trainer.align_dpo(pairs, folder, {
         "beta": wf.beta, "learning_rate": wf.learning_rate, "epochs": wf.epochs, "batch_size": wf.batch_size,
         "max_length": wf.max_length, "seed": ctx.params.seed})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from qsteer.actors.roles import PolicyRole, RewardRole, SandboxRole, Scored, ValueRole
@@ -28,6 +29,7 @@ class Context:
     policy: PolicyRole | None = None
     reward: RewardRole | None = None
     sandbox: SandboxRole | None = None
+    candidate: PolicyRole | None = None  # win_rate's candidate model (the policy itself when it has none)
     chat: bool = True
     context_length: int = 2048
     value: ValueRole | None = None  # the value= group's value (heads on the policy and/or value actors)
@@ -38,8 +40,8 @@ class Context:
     baseline: PolicyRole | None = None  # Transfer Q*'s aligned model (`baseline=`)
     baseline_reward: RewardRole | None = None  # the reward it was aligned to (`baseline.reward`)
     baseline_trainer: Any = None  # workflow=align_baseline's DPO trainer (`actors.baseline_trainer`)
-    run_dir: str | None = None  # the run folder, for workflows that write files (a trained model)
     reward_name: str | None = None  # the reward's label (`reward.name`, or its target), for cards
+    out_dir: Path | None = None  # the run folder: where a training workflow saves its model and card
 
 
 @dataclass
