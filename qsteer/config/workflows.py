@@ -296,6 +296,9 @@ class AlignBaselineConfig(WorkflowConfig):
     """Prompt plus completion tokens kept per example."""
     eval_n: Annotated[int, Range(1)] = 2
     """Samples per prompt from the trained model for the card's reward after (seeded as the pairs were)."""
+
+
+@dataclass(frozen=True)
 class WinRateConfig(WorkflowConfig):
     """The win rate of a candidate model against the reference (`model=`) under an inference-time
     procedure, judged by the reward with ties as half, with its interval over prompts, and the
