@@ -1,14 +1,21 @@
-"""Sweep report: one table and one plot across a multirun's run folders.
+"""Sweep report: one table and one plot across a multirun's run folders; and the reward-vs-KL frontier.
 
 Runs by itself at the end of `qsteer -m ...` (a Hydra callback) and as `qsteer-report DIR`.
 The x-axis is the swept key (by default the first numeric key whose value differs between
 runs, e.g. `workflow.n`); other differing keys become separate lines.
+
+`qsteer-report --frontier DIR...` takes run folders and/or multirun folders (any mix of methods)
+and writes frontier.md, frontier.json and frontier.png (reward vs KL from the base policy, and
+reward vs generated tokens per prompt; one line per method) into `--out`, by default the folders'
+common parent. The frontier is asked for explicitly, never guessed from the number of folders:
+a plain `qsteer-report DIR` keeps its sweep table. What each method's KL is: qsteer/metrics/frontier.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +23,8 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from qsteer.results import flatten
+from qsteer.metrics.frontier import FrontierError, frontier_table, markdown, run_point
+from qsteer.results import ResultsFile, flatten
 
 
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -97,12 +105,106 @@ class SweepReport(Callback):
             report(sweep_dir)
 
 
+def run_folders(paths: list[str | Path]) -> list[Path]:
+    """The run folders named by `paths`: a folder holding results.jsonl is one; any other, its children that do."""
+    out: list[Path] = []
+    for path in map(Path, paths):
+        if (path / "results.jsonl").exists():
+            out.append(path)
+            continue
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: no such folder")
+        found = sorted(p.parent for p in path.glob("*/results.jsonl"))
+        if not found:
+            raise FileNotFoundError(f"{path}: neither a run folder (results.jsonl) nor a multirun folder "
+                                    "(*/results.jsonl)")
+        out += found
+    return out
+
+
+def frontier(paths: list[str | Path], out_dir: str | Path | None = None) -> tuple[Path, Path]:
+    """Write frontier.md, frontier.json and frontier.png for the runs under `paths` (see the module docstring)."""
+    folders = run_folders(paths)
+    out = Path(out_dir) if out_dir is not None else Path(os.path.commonpath([p.resolve() for p in folders]))
+    if out in [p.resolve() for p in folders] and len(folders) > 1:
+        out = out.parent
+    points = []
+    for folder in folders:
+        config_path = folder / "config.yaml"
+        if not config_path.exists():
+            raise FrontierError(f"{folder}: no config.yaml, so its method and knob are unknown")
+        config = flatten(yaml.safe_load(config_path.read_text()))
+        points.append(run_point(str(folder), config, ResultsFile(folder / "results.jsonl").read()))
+    rows = frontier_table(points)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown(rows)
+    (out / "frontier.md").write_text(table)
+    (out / "frontier.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(table, end="")
+    plot_path = out / "frontier.png"
+    _frontier_plot(rows, plot_path)
+    print(f"plot: {plot_path}")
+    return out / "frontier.md", plot_path
+
+
+def _frontier_plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (kl_ax, tok_ax) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for index, method in enumerate(methods):
+        mine = [r for r in rows if r["method"] == method and r["mean_reward"] is not None]
+        color = f"C{index % 10}"
+        knob = mine[0]["knob"] if mine else ""
+        with_kl = [r for r in mine if r["mean_kl"] is not None]
+        if with_kl:
+            bound = any(r["kl_kind"] == "bound" for r in with_kl)
+            label = f"{method} over {knob}" + (" (KL bound)" if bound else "")
+            kl_ax.plot([r["mean_kl"] for r in with_kl], [r["mean_reward"] for r in with_kl], marker="o",
+                       color=color, linestyle="--" if bound else "-", label=label)
+            for r in with_kl:
+                kl_ax.annotate(f"{r['value']}", (r["mean_kl"], r["mean_reward"]), fontsize=7,
+                               textcoords="offset points", xytext=(3, 3), color=color)
+        if mine:
+            tok_ax.plot([r["tokens_per_prompt"] for r in mine], [r["mean_reward"] for r in mine], marker="o",
+                        color=color, label=f"{method} over {knob}" + ("" if with_kl else " (no KL)"))
+            for r in mine:
+                tok_ax.annotate(f"{r['value']}", (r["tokens_per_prompt"], r["mean_reward"]), fontsize=7,
+                                textcoords="offset points", xytext=(3, 3), color=color)
+    kl_ax.set_xlabel("mean KL from the base policy (nats)")
+    kl_ax.set_ylabel("mean reward")
+    tok_ax.set_xlabel("generated tokens per prompt (all roles)")
+    if any(r["tokens_per_prompt"] for r in rows):
+        tok_ax.set_xscale("log")
+    for ax in (kl_ax, tok_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Table and plot across a qsteer sweep's run folders")
-    parser.add_argument("sweep_dir", help="a multirun folder holding one run folder per job")
+    parser = argparse.ArgumentParser(description="Table and plot across a qsteer sweep's run folders, or the "
+                                     "reward-vs-KL frontier across run and multirun folders (--frontier)")
+    parser.add_argument("dirs", nargs="+", metavar="DIR",
+                        help="a multirun folder holding one run folder per job; with --frontier, any number of "
+                        "run and multirun folders")
     parser.add_argument("--x", dest="x_key", default=None, help="the swept config key for the x-axis")
+    parser.add_argument("--frontier", action="store_true",
+                        help="write frontier.md/.json/.png: reward vs KL and vs generated tokens, one line per method")
+    parser.add_argument("--out", default=None, help="with --frontier: where to write (default: the folders' "
+                        "common parent)")
     args = parser.parse_args()
-    report(args.sweep_dir, args.x_key)
+    if args.frontier:
+        frontier(args.dirs, args.out)
+    elif len(args.dirs) != 1:
+        parser.error("the sweep report takes one multirun folder; for several folders use --frontier")
+    else:
+        report(args.dirs[0], args.x_key)
 
 
 if __name__ == "__main__":

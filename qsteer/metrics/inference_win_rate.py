@@ -240,7 +240,8 @@ def summary_metrics(rows: Sequence[dict], confidence: float = 0.95) -> dict[str,
         values = [row[key] for row in rows if row.get(key) is not None]
         if values:
             out[name] = float(np.mean(values))
-    kls = [row["kl"] for row in rows if row.get("kl")]
+    # only win_rate records carry `kl` as estimator dicts; guided decoding's `kl` is one float, summed per step
+    kls = [row["kl"] for row in rows if isinstance(row.get("kl"), dict)]
     if kls:
         for name in KL_ESTIMATORS:
             values = np.array([kl[name] for kl in kls], dtype=np.float64)
