@@ -9,14 +9,17 @@ policy, the sentiment reward in process; no Ray, so the CPU goes to the models),
   controlled_decoding tokenwise   alpha in {0, 2, 8}               (needs --value)
   args (sampled, not greedy)      alpha in {0, 2, 8}
   beam_search                     n = 4, beam_width = 2
+  transfer_qstar (sampled)        alpha in {0, 2, 8}, k = 4, m = 2, L = tokens / 3   (needs --baseline)
 
 `--value` is a Q-head on the policy's backbone, as `qsteer workflow=train_value` writes it
 (RUN_DIR/value); without it both controlled-decoding sweeps are skipped (said in the output).
-Transfer Q* needs an aligned baseline (`workflow=align_baseline`) and is not run here: add its
-run folders to the report's arguments (`qsteer-report --frontier OUT_RUNS TQ_RUNS...`).
+`--baseline` is an aligned model folder (`workflow=align_baseline` writes RUN_DIR/baseline), for
+direct transfer; without it Transfer Q* is skipped. Other run folders can join the report later:
+`qsteer-report --frontier RUNS MORE_RUNS... --out OUT`.
 
 `--quick` proves the pipeline in seconds: the tiny random-weight model of the tests, a random
-Q-head on it, 2 prompts of 6 tokens; its numbers mean nothing and go to a scratch folder.
+Q-head on it, the tiny model itself as TQ*'s baseline, 2 prompts of 6 tokens; its numbers mean
+nothing and go to the scratch folder.
 
 Run:  .venv/bin/python benchmarks/bench_frontier.py --value RUN_DIR/value [--prompts 8 --tokens 24]
       .venv/bin/python benchmarks/bench_frontier.py --quick
@@ -36,7 +39,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ALPHAS = (0, 2, 8)
 
 
-def sweeps(tokens: int, with_value: bool) -> list[tuple[str, list[str]]]:
+def sweeps(tokens: int, with_value: bool, with_baseline: bool) -> list[tuple[str, list[str]]]:
     """(run folder name, config overrides) of every run."""
     out = [(f"best_of_n_n{n}", ["workflow=best_of_n", f"workflow.n={n}"]) for n in (1, 2, 4)]
     if with_value:
@@ -48,6 +51,10 @@ def sweeps(tokens: int, with_value: bool) -> list[tuple[str, list[str]]]:
     out += [(f"args_a{a}", ["workflow=args", "workflow.greedy=false", f"workflow.alpha={a}"]) for a in ALPHAS]
     out += [("beam_search_w2", ["workflow=beam_search", "workflow.n=4", "workflow.beam_width=2",
                                 f"workflow.block_size={max(1, tokens // 3)}"])]
+    if with_baseline:
+        out += [(f"tqstar_a{a}", ["workflow=transfer_qstar", "workflow.greedy=false", f"workflow.alpha={a}",
+                                  "workflow.top_k=4", "workflow.rollouts=2", "workflow.rollout_sampling=sample",
+                                  f"workflow.rollout_tokens={max(1, tokens // 3)}"]) for a in ALPHAS]
     return out
 
 
@@ -56,6 +63,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--value", default=None, help="a Q-head checkpoint on the policy backbone (train_value's)")
+    ap.add_argument("--baseline", default=None, help="an aligned model folder for Transfer Q* (align_baseline's)")
     ap.add_argument("--runs", default=None, help="where the run folders go (default: a new temp folder)")
     ap.add_argument("--out", default=None, help="where the report goes (default: benchmarks/results/frontier_cpu; "
                     "with --quick, the runs folder)")
@@ -66,7 +74,7 @@ def main() -> None:
     import torch
     from hydra import compose, initialize_config_module
 
-    from qsteer.actors.local import LocalReplicas, local_reward
+    from qsteer.actors.local import LocalReplicas, local_policy, local_reward
     from qsteer.actors.policy import Policy
     from qsteer.actors.roles import PolicyGroup, ValueSum
     from qsteer.engines import build_engine
@@ -78,7 +86,7 @@ def main() -> None:
     torch.set_num_threads(1)
     runs = Path(args.runs or tempfile.mkdtemp(prefix="qsteer-frontier-"))
     model: list[str] = []
-    value = args.value
+    value, baseline = args.value, args.baseline
     if args.quick:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
         from tiny_model import build_tiny_model
@@ -94,6 +102,7 @@ def main() -> None:
             head.head.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
         value = str(runs / "random-head")
         head.save(Path(value), policy_path=tiny)
+        baseline = tiny
     else:
         engine = build_engine("hf", num_threads=1)
     if value is not None and checkpoint_kind(value) != ("q", "policy"):
@@ -102,9 +111,12 @@ def main() -> None:
     reward = local_reward(SentimentReward())
     common = [*model, "progress=false", "dataset=sentiment", f"dataset.limit={args.prompts}",
               f"generation.max_new_tokens={args.tokens}"]
-    plan = sweeps(args.tokens, value is not None)
+    plan = sweeps(args.tokens, value is not None, baseline is not None)
     if value is None:
         print("no --value: controlled decoding (blockwise and tokenwise) skipped")
+    if baseline is None:
+        print("no --baseline: Transfer Q* skipped")
+    baseline_role = local_policy(build_engine("hf", path=baseline, num_threads=1)) if baseline else None
     timings = {}
     for name, overrides in plan:
         policy = Policy(engine)
@@ -114,6 +126,9 @@ def main() -> None:
             policy.load_value_heads([(value, 1.0)])
             roles["value"] = ValueSum(PolicyGroup(LocalReplicas([policy])), None)
             extra = [f"value.path={value}"]
+        if "workflow=transfer_qstar" in overrides:
+            roles["baseline"] = baseline_role
+            extra = [f"baseline.path={baseline}"]
         roles["policy"] = PolicyGroup(LocalReplicas([policy]))
         with initialize_config_module("qsteer.conf", version_base="1.3"):
             cfg = compose("config", overrides=[*common, *overrides, *extra])
@@ -124,7 +139,7 @@ def main() -> None:
               f"{timings[name]} s", flush=True)
     out = Path(args.out) if args.out else (runs if args.quick else RESULTS / "frontier_cpu")
     frontier([runs / name for name, _ in plan], out)
-    meta = {"settings": vars(args) | {"value": value}, "load_avg_at_start": round(load, 2),
+    meta = {"settings": vars(args) | {"value": value, "baseline": baseline}, "load_avg_at_start": round(load, 2),
             "wall_trusted": load < 1.5, "torch_threads": 1, "runs": str(runs), "wall_s": timings}
     (out / "frontier_settings.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(f"runs: {runs}\nreport: {out}")
