@@ -145,6 +145,8 @@ def test_real_runs_of_best_of_n_and_tokenwise_cd_land_on_the_frontier(compose, t
         records = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
         summary = json.loads((folder / "summary.json").read_text())
         assert row["mean_reward"] == pytest.approx(summary["mean_reward"])
+        # the win-rate summary's KL estimators read dict-valued `kl` only (a float one crashed summarize)
+        assert "kl_k1" not in summary["metrics"]
         # every candidate's tokens, counted from the candidates themselves
         assert row["tokens_per_prompt"] == sum(c["num_tokens"] for r in records for c in r["candidates"]) / 2
         if method == "best_of_n":
