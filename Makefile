@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qsteer-installed
 
-.PHONY: setup bubblewrap run test test-fast lint bench clean
+.PHONY: setup bubblewrap run test test-heavy test-fast lint bench clean
 
 setup: $(STAMP) bubblewrap
 
@@ -44,7 +44,11 @@ lint: setup
 	$(VENV)/bin/ruff check qsteer tests benchmarks
 
 test: setup lint
-	$(PY) -m pytest -q -ra --durations=30
+	$(PY) -m pytest -q -ra --durations=30 -m "not heavy"
+
+# The checks of minutes each (training on the real model, a 2-node Ray cluster, 500 sandboxed runs).
+test-heavy: setup
+	$(PY) -m pytest -q -ra --durations=30 -m heavy
 
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow"

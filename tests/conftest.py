@@ -2,6 +2,7 @@
 
 Markers say what a test needs: `model` (the real default model), `ray`, `vllm`, `gpu`. Each of
 them also makes the test `slow`, the tier `make test-fast` skips; `gpu` tests skip without CUDA.
+`heavy` marks the checks of minutes that `make test` leaves to `make test-heavy`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 TESTS_DIR = Path(__file__).parent
 
 
-NEEDS = ("model", "ray", "vllm", "gpu")
+NEEDS = ("model", "ray", "vllm", "gpu", "heavy")
 
 
 def pytest_collection_modifyitems(config, items):

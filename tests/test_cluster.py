@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.heavy]
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = str(Path(sys.executable).parent)

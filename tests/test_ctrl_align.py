@@ -14,7 +14,7 @@ from qsteer.actors.local import local_policy, local_reward
 from qsteer.rewards.sentiment import SentimentReward
 from qsteer.run import run_job
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.heavy]
 
 
 def test_short_ctrl_run_raises_the_calibrated_reward_and_its_model_runs_best_of_n(compose, engine, tmp_path):

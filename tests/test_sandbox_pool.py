@@ -52,6 +52,7 @@ def files_open(pid: int) -> list[str]:
 
 
 @pytest.mark.ray
+@pytest.mark.heavy
 def test_two_actors_run_500_candidates_and_leave_nothing(ray_session) -> None:
     from qsteer.actors.group import ActorGroup
     from qsteer.actors.roles import SandboxGroup

@@ -175,6 +175,7 @@ def test_sampled_first_three_tokens_follow_the_target(tiny_engine, tiny_draft, n
 
 # lookup needs a model that copies (the tiny one rarely repeats its prompt); RSD and a real draft model
 @pytest.mark.model
+@pytest.mark.heavy
 @pytest.mark.parametrize("name", ["lookup", "layerskip-spectr", "layerskip-rsd", "model"])
 def test_sampled_first_three_tokens_follow_the_target_on_the_real_model(engine, small_draft, name):
     sampled_tokens_follow_the_target(engine, small_draft, name, 2000)

@@ -10,7 +10,7 @@ import pytest
 
 from qsteer.run import run_job
 
-pytestmark = [pytest.mark.ray, pytest.mark.model]
+pytestmark = [pytest.mark.ray, pytest.mark.model, pytest.mark.heavy]
 
 
 def rows(out: Path) -> list[dict]:

@@ -16,7 +16,7 @@ from qsteer.actors.value import ValueTrainer
 from qsteer.rewards.sentiment import SentimentReward
 from qsteer.run import run_job
 
-pytestmark = [pytest.mark.model]
+pytestmark = [pytest.mark.model, pytest.mark.heavy]
 
 PROMPTS = 40
 SAMPLES = 6

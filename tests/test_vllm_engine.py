@@ -136,6 +136,7 @@ def test_too_long_prompt_is_refused_by_name(vllm_engine):
     engine_checks.too_long_prompt_is_refused_by_name(vllm_engine)
 
 
+@pytest.mark.heavy
 def test_best_of_n_and_sample_run_on_vllm(ray_session, compose, tmp_path):
     from qsteer.run import run_job
 
