@@ -372,7 +372,9 @@ def context(cfg: DictConfig, roles: dict[str, Any], draft: dict | None, out_dir:
             seed=cfg.seed,
             speculative=draft,
         ),
-        policy=roles.get("policy"),
+        # the policy group as the workflow sees it (through the generation cache when one is set); None
+        # when the loop runs on the baseline alone (transfer_qstar with logit_model=baseline)
+        policy=policy if roles.get("policy") is not None else None,
         reward=roles.get("reward"),
         sandbox=roles.get("sandbox"),
         stages=None if out_dir is None else StageStore(Path(out_dir) / "stages"),
