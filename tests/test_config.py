@@ -247,6 +247,7 @@ def test_the_typed_tree_and_the_draft_the_policy_uses():
     assert other["kind"] == "recycle" and other["topk"] == 8
 
 
+@pytest.mark.slow  # a fresh interpreter importing the CLI: 8 s
 def test_loading_the_config_starts_nothing_heavy():
     # (torch may come in with the decoding layer's draft configs: qsteer.decoding holds its loops too)
     code = ("import sys; from qsteer.config import check_config; from qsteer.config.help import composed; "
@@ -278,6 +279,7 @@ def test_help_lists_groups_and_documents_every_field():
     assert "model.engine: hf | vllm = hf" in flat(help_text(["model"]))
 
 
+@pytest.mark.slow  # a fresh interpreter importing the CLI: 8 s
 def test_qsteer_help_runs_before_hydra(capsys):
     cli = [sys.executable, "-m", "qsteer.cli"]
     proc = subprocess.run([*cli, "--help", "workflow=speculative"], capture_output=True, text=True)
