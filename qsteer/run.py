@@ -529,36 +529,8 @@ def build_roles(roles: tuple[str, ...], cfg: DictConfig, draft: dict | None = No
     threads_shared = sum(1 for role in ("policy", "baseline") if role in roles)
     if "policy" in roles:
         m = cfg.model
-        engine_kwargs = OmegaConf.to_container(m.engine_kwargs, resolve=True)
-        if draft is not None and m.engine == "vllm":
-            engine_kwargs["speculative"] = draft  # vLLM fixes its speculative_config at engine start
-        # vLLM with tensor parallelism places its own GPU workers (Ray actors in a placement group
-        # of tensor_parallel_size bundles, distributed_executor_backend="ray"): the actor needs none.
-        own_gpu = has_gpu and not (m.engine == "vllm" and int(engine_kwargs.get("tensor_parallel_size", 1)) > 1)
-        num_gpus = (1 if own_gpu else 0) if m.num_gpus == "auto" else m.num_gpus
-        threads = m.num_threads
-        if threads is None and not joins_cluster(cfg.cluster.address) and not num_gpus:
-            threads = max(1, (os.cpu_count() or 1) // (m.replicas * threads_shared))
-        policy = ActorGroup(
-            PolicyActor,
-            role="model",
-            replicas=m.replicas,
-            num_cpus=m.num_cpus,
-            num_gpus=num_gpus,
-            max_restarts=m.max_restarts,
-            scheduling=scheduling.get("policy"),
-            warm=cfg.cluster.warm,
-            engine=m.engine,
-            num_threads=threads,
-            path=m.path,
-            dtype=m.dtype,
-            device=m.device,
-            max_batch_rows=m.max_batch_rows,
-            chat_template=m.chat_template,
-            **({"value_heads": heads} if heads else {}),
-            **({"prefix_cache_tokens": m.prefix_cache_tokens} if m.engine == "hf" else {}),
-            **engine_kwargs,
-        )
+        policy = policy_actors(cfg, m.path, has_gpu, draft, scheduling=scheduling.get("policy"),
+                               threads_shared=threads_shared, **({"value_heads": heads} if heads else {}))
         groups["policy"] = PolicyGroup(policy)
         if draft is not None and draft["kind"] == "model" and not draft.get("colocate", True) and m.engine == "hf":
             groups["draft"] = build_draft_group(cfg, has_gpu, scheduling.get("draft"))
@@ -670,8 +642,9 @@ def build_trainer_group(cfg: DictConfig, has_gpu: bool):
 
 
 def policy_actors(cfg: DictConfig, path: str, has_gpu: bool, draft: dict | None, role: str = "model",
-                  scheduling: list | None = None, **extra: Any) -> Any:
-    """Ray actors hosting `path` with model='s engine and resources (the policy, or win_rate's candidate)."""
+                  scheduling: list | None = None, threads_shared: int = 1, **extra: Any) -> Any:
+    """Ray actors hosting `path` with model='s engine and resources (the policy, or win_rate's candidate);
+    on a local CPU run the cores are split over the replicas of `threads_shared` such roles."""
     from qsteer.actors.group import ActorGroup
     from qsteer.actors.policy import PolicyActor
 
@@ -685,7 +658,7 @@ def policy_actors(cfg: DictConfig, path: str, has_gpu: bool, draft: dict | None,
     num_gpus = (1 if own_gpu else 0) if m.num_gpus == "auto" else m.num_gpus
     threads = m.num_threads
     if threads is None and not joins_cluster(cfg.cluster.address) and not num_gpus:
-        threads = max(1, (os.cpu_count() or 1) // m.replicas)
+        threads = max(1, (os.cpu_count() or 1) // (m.replicas * threads_shared))
     policy = ActorGroup(
         PolicyActor,
         role=role,
