@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from qsteer.training.value import new_folder
 
 KL_ESTIMATOR = "k1 (RLOO: beta * sum_t (log pi_old - log pi_ref) per sequence, subtracted from the reward)"
 
@@ -199,20 +199,12 @@ def training_card(history: list[dict], timer: _Timer, settings: CtrlSettings, ex
 
 def save_model(trainer: Any, folder: Path, card: dict[str, Any]) -> Path:
     """The trained model and tokenizer (a transformers folder) with the card, moved into place atomically."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
+    with new_folder(folder) as tmp:
         trainer.model.save_pretrained(tmp)
         trainer.processing_class.save_pretrained(tmp)
         (tmp / "training_card.json").write_text(json.dumps(card, indent=2, default=str) + "\n")
         plot_card(card, tmp / "training_curves.png")
         (tmp / "README.md").write_text(card_text(card))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

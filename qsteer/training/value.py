@@ -32,7 +32,8 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -233,6 +234,22 @@ def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a * b).sum()) / denom if denom > 0 else float("nan")
 
 
+@contextmanager
+def new_folder(folder: Path) -> Iterator[Path]:
+    """A temporary folder beside `folder` that replaces it when the block ends: a crash leaves the old
+    folder or the new one, never half of one."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        yield tmp
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_value_model(
     folder: str | Path,
     model: nn.Module,
@@ -260,9 +277,7 @@ def save_value_model(
     from qsteer.values.model import value_chat_template, value_pad_id
 
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
+    with new_folder(folder) as tmp:
         if tokenizer is not None:
             tokenizer = copy.deepcopy(tokenizer)
             pad = value_pad_id(tokenizer, list(end_ids) or [tokenizer.eos_token_id])
@@ -283,12 +298,6 @@ def save_value_model(
         }
         (tmp / "value_card.json").write_text(json.dumps(card, indent=2, default=str) + "\n")
         (tmp / "README.md").write_text(_card_text(card))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
