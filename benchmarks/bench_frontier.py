@@ -4,7 +4,7 @@ Every run is a real run folder (`run_job` on in-process role groups: one hf engi
 policy, the sentiment reward in process; no Ray, so the CPU goes to the models), written under
 `--runs`; then `qsteer-report --frontier` draws them into `--out` (frontier.md/.json/.png):
 
-  best_of_n                       N in {1, 2, 4}
+  best_of_n                       N in {1, 2, 4, 16, 64} (64: about the tokens of Transfer Q*'s rollouts)
   controlled_decoding blockwise   K in {2, 4}, M = tokens / 3      (needs --value)
   controlled_decoding tokenwise   alpha in {0, 2, 8}               (needs --value)
   args (sampled, not greedy)      alpha in {0, 2, 8}
@@ -41,7 +41,7 @@ ALPHAS = (0, 2, 8)
 
 def sweeps(tokens: int, with_value: bool, with_baseline: bool) -> list[tuple[str, list[str]]]:
     """(run folder name, config overrides) of every run."""
-    out = [(f"best_of_n_n{n}", ["workflow=best_of_n", f"workflow.n={n}"]) for n in (1, 2, 4)]
+    out = [(f"best_of_n_n{n}", ["workflow=best_of_n", f"workflow.n={n}"]) for n in (1, 2, 4, 16, 64)]
     if with_value:
         block = max(1, tokens // 3)
         out += [(f"cd_blockwise_k{k}", ["workflow=controlled_decoding", "workflow.mode=blockwise", f"workflow.n={k}",
