@@ -41,6 +41,7 @@ from qsteer.engines import SamplingParams
 from qsteer.models import ModelNotFoundError, resolve_model_path
 from qsteer.results import ResultsFile, config_changes, dumps, summarize, write_atomic
 from qsteer.rewards import REQUIRED_COLUMNS, is_pass_fail
+from qsteer.training.value import new_folder
 from qsteer.workflows import WORKFLOWS, Context, Workflow
 from qsteer.workflows.code_search import StageStore
 
@@ -114,7 +115,10 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
         failures = run_batches(workflow, todo, ctx, results, cfg, total=len(records))
         if workflow.finish is not None and not failures:
             trained = workflow.finish(results.read(), ctx)
-            write_folder(out_dir / "value", trained["files"])
+            with new_folder(out_dir / "value") as tmp:
+                for name, data in trained["files"].items():
+                    (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                    (tmp / name).write_bytes(data)
         finished = time.perf_counter()
         replica_calls = [info["calls"] - before for info, before in zip(ctx.policy.info(), calls_before, strict=True)] \
             if ctx.policy is not None else []
@@ -163,24 +167,6 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
     if stopped is not None:
         raise stopped
     return summary
-
-
-def write_folder(folder: Path, files: dict[str, bytes]) -> None:
-    """Write `files` (relative name -> bytes) as `folder`, atomically: a crash leaves the old folder or the new."""
-    import shutil
-    import tempfile
-
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
-        for name, data in files.items():
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / name).write_bytes(data)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 class RunFolderBusy(RuntimeError):
