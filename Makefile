@@ -3,9 +3,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qsteer-installed
 
-.PHONY: setup bubblewrap run test test-heavy test-fast lint bench clean
+.PHONY: setup bubblewrap chromium run test test-heavy test-fast lint bench clean
 
-setup: $(STAMP) bubblewrap
+setup: $(STAMP) bubblewrap chromium
 
 # The sandbox (qsteer/rewards/sandbox/) runs model-written code only inside bubblewrap and
 # refuses to run without it. Idempotent: nothing happens when bwrap is already installed.
@@ -17,6 +17,17 @@ bubblewrap:
 	  else \
 	    echo "make setup: bubblewrap is missing (apt-get install bubblewrap, as root); reward=code_tests refuses to run without it"; \
 	  fi; }
+
+# The HTML report's test renders pages in headless Chromium (Debian's chromium package). Idempotent,
+# and quiet where apt-get is not usable (not root, no passwordless sudo): that test then skips, saying why.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then sudo=; elif sudo -n true 2>/dev/null; then sudo="sudo -n"; else exit 0; fi; \
+	  command -v apt-get >/dev/null 2>&1 || exit 0; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  $$sudo apt-get install -y -q chromium >/dev/null 2>&1 || \
+	    { $$sudo apt-get update -q >/dev/null 2>&1 && $$sudo apt-get install -y -q chromium >/dev/null 2>&1; } || \
+	    echo "make setup: chromium did not install; the HTML report's browser test will skip"; }
 
 # Idempotent: the stamp is rebuilt only when pyproject.toml changes.
 $(STAMP): pyproject.toml

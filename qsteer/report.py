@@ -1,6 +1,10 @@
-"""Sweep report: one table and one plot across a multirun's run folders; and the reward-vs-KL frontier.
+"""Reports: one run's page; one table and one plot across a multirun's run folders; the reward-vs-KL frontier.
 
-Runs by itself at the end of `qsteer -m ...` (a Hydra callback) and as `qsteer-report DIR`.
+`qsteer-report RUN_DIR` writes `report.html` into a run folder: its summary, live counts as the
+run left them (`progress.json`), a plot of its rewards, its records and its config.
+
+The sweep report runs by itself at the end of `qsteer -m ...` (a Hydra callback) and as
+`qsteer-report SWEEP_DIR`: sweep.md, sweep.json, the plot, and report.html holding both.
 The x-axis is the swept key (by default the first numeric key whose value differs between
 runs, e.g. `workflow.n`); other differing keys become separate lines.
 
@@ -9,6 +13,9 @@ and writes frontier.md, frontier.json and frontier.png (reward vs KL from the ba
 reward vs generated tokens per prompt; one line per method) into `--out`, by default the folders'
 common parent. The frontier is asked for explicitly, never guessed from the number of folders:
 a plain `qsteer-report DIR` keeps its sweep table. What each method's KL is: qsteer/metrics/frontier.py.
+Beside them goes frontier.html (not report.html: `--out` is often a sweep folder, which has its own).
+
+Every .html page is self-contained (`report_page.py`): plots as base64 PNG, no network resource.
 """
 
 from __future__ import annotations
@@ -23,8 +30,12 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from qsteer import report_page as html
 from qsteer.metrics.frontier import FrontierError, frontier_table, markdown, run_point
-from qsteer.results import ResultsFile, flatten
+from qsteer.results import flatten, read_results, write_atomic
+
+RECORDS_SHOWN = 1000  # records listed on a run's page; results.jsonl holds them all
+OUTPUT_CHARS = 300  # of each record's output on the page
 
 
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -66,6 +77,7 @@ def report(sweep_dir: str | Path, x_key: str | None = None) -> tuple[Path, Path 
     print("\n".join(lines))
 
     if x_key is None:
+        _sweep_page(sweep_dir, table, varying, None)
         return table_path, None
     import matplotlib
 
@@ -93,7 +105,99 @@ def report(sweep_dir: str | Path, x_key: str | None = None) -> tuple[Path, Path 
     fig.savefig(plot_path, dpi=120)
     plt.close(fig)
     print(f"plot: {plot_path}")
+    _sweep_page(sweep_dir, table, varying, plot_path)
     return table_path, plot_path
+
+
+def _sweep_page(sweep_dir: Path, table: list[dict[str, Any]], varying: list[str], plot_path: Path | None) -> Path:
+    parts = [html.table(table, "sweep", caption=f"{len(table)} runs; differing keys: {', '.join(varying) or 'none'}")]
+    if plot_path is not None:
+        parts.append(html.png(plot_path.read_bytes(), f"mean reward vs {plot_path.stem}", "plot-sweep"))
+    path = sweep_dir / "report.html"
+    write_atomic(path, html.page(f"qsteer sweep: {sweep_dir.name}", html.section("Runs", *parts)))
+    print(f"page: {path}")
+    return path
+
+
+def run_report(run_dir: str | Path) -> Path:
+    """Write report.html into a run folder: summary, per-role counts, reward plots, records, config."""
+    run_dir = Path(run_dir)
+    rows = read_results(run_dir / "results.jsonl")
+    summary = _read_json(run_dir / "summary.json")
+    progress = _read_json(run_dir / "progress.json")
+    config_path = run_dir / "config.yaml"
+    config = flatten(yaml.safe_load(config_path.read_text())) if config_path.exists() else {}
+    workflow = (summary or {}).get("workflow") or config.get("workflow.name") or "run"
+    sections = []
+    if summary is not None:
+        top = {k: v for k, v in summary.items() if k != "metrics"}
+        numbers = {k: v for k, v in summary["metrics"].items() if isinstance(v, (int, float, str)) or v is None}
+        sections.append(html.section("Summary", html.key_values(top, "summary"),
+                                     html.key_values(numbers, "metrics", caption="metrics (summary.json)")))
+    else:
+        sections.append(html.section("Summary", html.note("no summary.json: the run has not finished; the records "
+                                                          "below are those written so far")))
+    if progress is not None:
+        roles = [{"role": name, **counts} for name, counts in progress.get("roles", {}).items()]
+        state = (f"state {progress.get('state')}: {progress.get('prompts_done')}/{progress.get('prompts_total')} "
+                 f"prompts, updated {progress.get('updated_at')}")
+        sections.append(html.section("Calls per role", html.note(state),
+                                     html.table(roles, "roles", ["role", "calls", "errors", "tokens"])))
+    plot = _run_plot(rows)
+    sections.append(html.section("Rewards", html.png(plot, "rewards of the records and their candidates", "plot-rewards")
+                                 if plot is not None else html.note("no record has a reward")))
+    shown = [{"id": r["id"], "reward": r.get("reward"),
+              "generated_tokens": r.get("stats", {}).get("generated_tokens"),
+              "candidates": len(r.get("candidates", [])), "error": r.get("error"),
+              "output": _clip(r.get("output"))} for r in rows[:RECORDS_SHOWN]]
+    caption = f"{len(rows)} records" + (f", the first {RECORDS_SHOWN} shown" if len(rows) > RECORDS_SHOWN else "")
+    sections.append(html.section("Records", html.table(shown, "records", caption=caption,
+                                                       text_columns=("output", "error"))))
+    if config:
+        sections.append(html.section("Config", html.key_values(config, "config", caption="config.yaml")))
+    path = run_dir / "report.html"
+    write_atomic(path, html.page(f"qsteer {workflow}: {run_dir.name}", *sections))
+    print(f"page: {path}")
+    return path
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _clip(text: Any) -> Any:
+    if isinstance(text, str) and len(text) > OUTPUT_CHARS:
+        return text[:OUTPUT_CHARS] + "..."
+    return text
+
+
+def _run_plot(rows: list[dict[str, Any]]) -> bytes | None:
+    """Two panels: the reward histogram (records, and all candidates), and reward vs generated tokens per record."""
+    records = [r for r in rows if r.get("reward") is not None]
+    candidates = [c["reward"] for r in rows for c in r.get("candidates", []) if c.get("reward") is not None]
+    if not records and not candidates:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (hist_ax, tok_ax) = plt.subplots(1, 2, figsize=(10, 3.5))
+    if candidates:
+        hist_ax.hist(candidates, bins=20, alpha=0.5, label=f"candidates ({len(candidates)})")
+    if records:
+        hist_ax.hist([r["reward"] for r in records], bins=20, alpha=0.7, label=f"records ({len(records)})")
+    hist_ax.set_xlabel("reward")
+    hist_ax.set_ylabel("count")
+    hist_ax.legend(fontsize=7)
+    tok_ax.scatter([r.get("stats", {}).get("generated_tokens", 0) for r in records], [r["reward"] for r in records],
+                   s=12)
+    tok_ax.set_xlabel("generated tokens (record)")
+    tok_ax.set_ylabel("reward")
+    for ax in (hist_ax, tok_ax):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return html.figure_png(fig)
 
 
 class SweepReport(Callback):
@@ -134,7 +238,7 @@ def frontier(paths: list[str | Path], out_dir: str | Path | None = None) -> tupl
         if not config_path.exists():
             raise FrontierError(f"{folder}: no config.yaml, so its method and knob are unknown")
         config = flatten(yaml.safe_load(config_path.read_text()))
-        points.append(run_point(str(folder), config, ResultsFile(folder / "results.jsonl").read()))
+        points.append(run_point(str(folder), config, read_results(folder / "results.jsonl")))
     rows = frontier_table(points)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows)
@@ -144,6 +248,13 @@ def frontier(paths: list[str | Path], out_dir: str | Path | None = None) -> tupl
     plot_path = out / "frontier.png"
     _frontier_plot(rows, plot_path)
     print(f"plot: {plot_path}")
+    page = html.page("qsteer frontier", html.section(
+        "Reward vs KL from the base policy, and vs generated tokens",
+        html.table(rows, "frontier", caption=f"{len(rows)} runs, {len({r['method'] for r in rows})} methods"),
+        html.png(plot_path.read_bytes(), "reward vs KL and vs generated tokens per method", "plot-frontier"),
+    ))
+    write_atomic(out / "frontier.html", page)
+    print(f"page: {out / 'frontier.html'}")
     return out / "frontier.md", plot_path
 
 
@@ -188,11 +299,12 @@ def _frontier_plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Table and plot across a qsteer sweep's run folders, or the "
-                                     "reward-vs-KL frontier across run and multirun folders (--frontier)")
+    parser = argparse.ArgumentParser(description="A run folder's page (report.html); the table, plot and page "
+                                     "across a qsteer sweep's run folders; or the reward-vs-KL frontier across run "
+                                     "and multirun folders (--frontier)")
     parser.add_argument("dirs", nargs="+", metavar="DIR",
-                        help="a multirun folder holding one run folder per job; with --frontier, any number of "
-                        "run and multirun folders")
+                        help="a run folder, or a multirun folder holding one run folder per job; with --frontier, "
+                        "any number of run and multirun folders")
     parser.add_argument("--x", dest="x_key", default=None, help="the swept config key for the x-axis")
     parser.add_argument("--frontier", action="store_true",
                         help="write frontier.md/.json/.png: reward vs KL and vs generated tokens, one line per method")
@@ -203,6 +315,8 @@ def main() -> None:
         frontier(args.dirs, args.out)
     elif len(args.dirs) != 1:
         parser.error("the sweep report takes one multirun folder; for several folders use --frontier")
+    elif (Path(args.dirs[0]) / "results.jsonl").exists():
+        run_report(args.dirs[0])
     else:
         report(args.dirs[0], args.x_key)
 

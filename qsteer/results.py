@@ -112,26 +112,39 @@ class ResultsFile:
         return [row for _, row in self._lines()]
 
     def _lines(self) -> list[tuple[str, dict[str, Any]]]:
-        if not self.path.exists():
-            return []
-        out = []
-        with self.path.open("rb") as f:
-            for number, raw in enumerate(f, start=1):
-                where = f"{self.path}:{number}"
-                try:
-                    line = raw.decode("utf-8").rstrip("\n")
-                except UnicodeDecodeError as err:
-                    raise ResultsError(f"{where}: not UTF-8 ({err.reason} at byte {err.start}); {_DAMAGED}") from None
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ResultsError(f"{where}: not a JSON record ({err.msg}); {_DAMAGED}") from None
-                if not isinstance(row, dict) or "id" not in row:
-                    raise ResultsError(f"{where}: not a result record (no 'id'); {_DAMAGED}")
-                out.append((line, {**row, "id": str(row["id"])}))
-        return out
+        return _parse_lines(self.path, self.path.read_bytes()) if self.path.exists() else []
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    """The records of a results.jsonl as it stands, changing nothing: a last line still being written
+    is left out. For readers beside a running run (reports); the run itself opens a ResultsFile."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    return [row for _, row in _parse_lines(path, data[: data.rfind(b"\n") + 1])]
+
+
+def _parse_lines(path: Path, data: bytes) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    raws = data.split(b"\n")
+    if raws and not raws[-1]:
+        raws.pop()  # the file ends with a newline: nothing follows it
+    for number, raw in enumerate(raws, start=1):
+        where = f"{path}:{number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ResultsError(f"{where}: not UTF-8 ({err.reason} at byte {err.start}); {_DAMAGED}") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ResultsError(f"{where}: not a JSON record ({err.msg}); {_DAMAGED}") from None
+        if not isinstance(row, dict) or "id" not in row:
+            raise ResultsError(f"{where}: not a result record (no 'id'); {_DAMAGED}")
+        out.append((line, {**row, "id": str(row["id"])}))
+    return out
 
 
 _DAMAGED = "the file was changed outside qsteer: repair or delete that line (its prompt then reruns)"

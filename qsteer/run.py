@@ -2,8 +2,9 @@
 
 Checks the config, loads the dataset, resumes from the folder's `results.jsonl`, connects to (or
 starts) Ray, builds the role groups the workflow needs, runs the workflow over batches of prompts
-and appends each finished record; ends with `summary.json`. Tests hand it in-process role groups
-instead, and it then runs without Ray.
+and appends each finished record; ends with `summary.json`. Meanwhile `progress.json` and the live
+view (`progress.py`), and on Ray its metrics (`cluster/metrics.py`), say how far it is. Tests hand
+it in-process role groups instead, and it then runs without Ray.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from qsteer.config import ConfigError, check_config, speculative_config
 from qsteer.data import DatasetError, load_dataset
 from qsteer.engines import SamplingParams
 from qsteer.models import ModelNotFoundError, resolve_model_path
+from qsteer.progress import Progress, role_counts
 from qsteer.results import ResultsFile, config_changes, dumps, summarize, write_atomic
 from qsteer.rewards import REQUIRED_COLUMNS, is_pass_fail
 from qsteer.training.value import new_folder
@@ -89,6 +91,9 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
     reservation = Reservation()
     failures: list[str] = []
     replica_calls: list[int] = []
+    progress = Progress(out_dir / "progress.json", workflow=cfg.workflow.name, total=len(records),
+                        done=len(records) - len(todo), show=bool(cfg.progress)).start()
+    ended = "failed"
     try:
         if own_roles:
             roles = {}
@@ -103,6 +108,9 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
                     resolve_model_path(cfg.baseline.path)
             started_ray = connect(cfg.cluster)
             previous = _stop_on_sigterm()  # after ray.init, whose own handler would exit at once
+            metrics = ray_metrics(cfg.workflow.name, out_dir)
+            if metrics is not None:
+                progress.sinks.append(metrics)
             if todo:
                 # refuse a plan the cluster cannot hold before any actor starts: Ray would wait forever
                 plan = plan_placement(demands(cfg, needed, draft, has_gpu()), placement, ray_nodes())
@@ -112,7 +120,9 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
         # a warm replica counts the calls of earlier runs too
         calls_before = [info["calls"] for info in ctx.policy.info()] if ctx.policy is not None else []
         ready = time.perf_counter()
-        failures = run_batches(workflow, todo, ctx, results, cfg, total=len(records))
+        progress.watch(role_counts(roles))
+        failures = run_batches(workflow, todo, ctx, results, cfg, progress)
+        progress.batches_done()
         if workflow.finish is not None and not failures:
             trained = workflow.finish(results.read(), ctx)
             with new_folder(out_dir / "value") as tmp:
@@ -127,10 +137,12 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
             actors = {role: n for role, group in roles.items() if (n := _started(group)) is not None}
             if ctx.policy is not None:
                 actors["policy_pids"] = [info["pid"] for info in ctx.policy.info()]
+        ended = "finished"
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM through the CLI's handler: keep what finished
-        stopped = err
+        stopped, ended = err, "stopped"
         _ignore_signals()  # a second Ctrl-C must not cut the cleanup short and orphan Ray's processes
     finally:
+        progress.close(ended)  # before Ray goes: the last snapshot reaches its metrics too
         if own_roles:
             for group in (roles or {}).values():
                 group.shutdown()
@@ -409,18 +421,25 @@ def calibrated_reward(cfg: DictConfig, base: Any, reference: Any, params: Sampli
                                  t=r.resolved_t(), chat=chat, cache=cache)
 
 
-def run_batches(workflow: Workflow, todo: list[dict], ctx: Context, results: ResultsFile, cfg: DictConfig,
-                total: int) -> list[str]:
-    """Run the workflow over batches, appending records as each batch finishes; the failed batches."""
-    from tqdm import tqdm
+def ray_metrics(workflow: str, out_dir: Path) -> Any:
+    """The progress sink that records Ray metrics; none (and a line saying why) where Ray cannot take them."""
+    from qsteer.cluster.metrics import RayMetrics
 
+    try:
+        return RayMetrics(workflow, str(out_dir))
+    except Exception as err:  # e.g. a Ray Client driver (ray://), which holds no core worker to record with
+        print(f"qsteer: no Ray metrics for this run: {type(err).__name__}: {err}", file=sys.stderr)
+        return None
+
+
+def run_batches(workflow: Workflow, todo: list[dict], ctx: Context, results: ResultsFile, cfg: DictConfig,
+                progress: Progress) -> list[str]:
+    """Run the workflow over batches, appending records as each batch finishes; the failed batches."""
     size = max(1, len(todo)) if workflow.whole_dataset else cfg.batch_size
     batches = [todo[i : i + size] for i in range(0, len(todo), size)]
     failures: list[str] = []
     loop = ctx.policy if ctx.policy is not None else ctx.baseline
     lanes = len(loop) if loop is not None else len(ctx.reward) if ctx.reward is not None else 1
-    bar = tqdm(total=total, initial=total - len(todo), desc=cfg.workflow.name, unit="prompt",
-               disable=not cfg.progress, file=sys.stderr)
     # One thread per replica keeps every replica busy; records are written as batches finish.
     pool = ThreadPoolExecutor(max_workers=max(1, lanes))
     try:
@@ -429,17 +448,19 @@ def run_batches(workflow: Workflow, todo: list[dict], ctx: Context, results: Res
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in finished:
                 batch = pending.pop(future)
+                written = 0
                 try:
                     for row in future.result():
                         results.append(row)
+                        progress.advance([row])
+                        written += 1
                 except Exception as err:  # a dead actor or similar: left for a rerun to retry
                     failures.append(f"{[r['id'] for r in batch]}: {type(err).__name__}: {err}")
-                bar.update(len(batch))
+                    progress.advance(failed=len(batch) - written)
     finally:
         # On a stop, batches not started are dropped and running ones are not waited for: their
         # calls end when the caller shuts the role groups down, and a rerun redoes them.
         pool.shutdown(wait=False, cancel_futures=True)
-        bar.close()
     return failures
 
 

@@ -6,6 +6,12 @@ never sees Ray. `PolicyGroup` and `RewardGroup` give those typed methods over an
 (`local.LocalReplicas`). Both send each call to the least-busy replica, and the role objects
 count their own calls, so a workflow's counts are the same on either, and tests run every
 workflow without Ray.
+
+Each group also counts, for the run's live view (`qsteer/progress.py`), the calls made through
+it from this process, those that raised, and the tokens in the completions they returned
+(`RoleCounts`). These are the driver's calls: a call one actor makes to another role from
+inside its own process (Transfer Q*'s baseline rollouts from the policy actor) is counted there,
+not here.
 """
 
 from __future__ import annotations
@@ -96,9 +102,62 @@ class ValueRole(Protocol):
     def next_values(self, prefixes: list[list[int]], candidates: list[list[int]]) -> list[list[float]]: ...
 
 
+# The role methods whose results are completions (or rollouts): their tokens were generated.
+GENERATING = frozenset({"generate", "generate_guided", "rollouts"})
+
+
+class RoleCounts:
+    """Calls made through one role group, the calls among them that raised, and tokens generated.
+
+    Thread-safe: the run's batch threads call through the same group at once. A copy that crosses
+    into another actor (a group handed to a Transfer Q* scorer) starts at zero there.
+    """
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.errors = 0
+        self.tokens = 0
+        self._lock = threading.Lock()
+
+    def add(self, calls: int = 0, errors: int = 0, tokens: int = 0) -> None:
+        with self._lock:
+            self.calls += calls
+            self.errors += errors
+            self.tokens += tokens
+
+    def as_dict(self) -> dict[str, int]:
+        with self._lock:
+            return {"calls": self.calls, "errors": self.errors, "tokens": self.tokens}
+
+    def __getstate__(self) -> dict[str, int]:
+        return {"calls": 0, "errors": 0, "tokens": 0}
+
+    def __setstate__(self, state: dict[str, int]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+def generated_tokens(out: list[list[Any]]) -> int:
+    """Tokens in a generating call's result: per prompt, its completions (or rollouts)."""
+    return sum(len(item.token_ids) for row in out for item in row)
+
+
 class _Group:
     def __init__(self, replicas: Replicas) -> None:
         self.replicas = replicas
+        self.counts = RoleCounts()
+
+    def _run(self, method: str, *args: Any) -> Any:
+        """`replicas.run`, counted: a call is counted when made, an error when it raises."""
+        self.counts.add(calls=1)
+        try:
+            out = self.replicas.run(method, *args)
+        except BaseException:
+            self.counts.add(errors=1)
+            raise
+        if method in GENERATING:
+            self.counts.add(tokens=generated_tokens(out))
+        return out
 
     def __len__(self) -> int:
         return len(self.replicas)
@@ -115,43 +174,43 @@ class PolicyGroup(_Group):
     """The policy role (PolicyRole) over replicas of `actors.policy.Policy`."""
 
     def encode(self, prompts: list[str | list[dict]], chat: bool = True) -> list[list[int]]:
-        return self.replicas.run("encode", prompts, chat)
+        return self._run("encode", prompts, chat)
 
     def decode(self, token_ids: list[list[int]]) -> list[str]:
-        return self.replicas.run("decode", token_ids)
+        return self._run("decode", token_ids)
 
     def generate(
         self, prompt_ids: list[list[int]], params: SamplingParams, keys: list[str]
     ) -> list[list[Completion]]:
-        return self.replicas.run("generate", prompt_ids, params, keys)
+        return self._run("generate", prompt_ids, params, keys)
 
     def score(self, prompt_ids: list[list[int]], continuation_ids: list[list[int]]) -> list[list[float]]:
-        return self.replicas.run("score", prompt_ids, continuation_ids)
+        return self._run("score", prompt_ids, continuation_ids)
 
     def topk_next(self, prefixes: list[list[int]], k: int) -> list[list[tuple[int, float]]]:
-        return self.replicas.run("topk_next", prefixes, k)
+        return self._run("topk_next", prefixes, k)
 
     def generate_guided(self, prompt_ids: list[list[int]], params: SamplingParams, keys: list[str],
                         alpha: float, scorer: Any = None) -> list[list[Completion]]:
-        return self.replicas.run("generate_guided", prompt_ids, params, keys, alpha, scorer)
+        return self._run("generate_guided", prompt_ids, params, keys, alpha, scorer)
 
     def rollouts(self, contexts: list[list[int]], starts: list[int], params: SamplingParams,
                  keys: list[str]) -> list[list[Rollout]]:
         """`params.n` continuations of every context in one call, with their texts (the baseline role)."""
-        return self.replicas.run("rollouts", contexts, starts, params, keys)
+        return self._run("rollouts", contexts, starts, params, keys)
 
     def head_values(self, prefixes: list[list[int]]) -> list[float]:
-        return self.replicas.run("head_values", prefixes)
+        return self._run("head_values", prefixes)
 
 
 class ValueGroup(_Group):
     """The value role (ValueRole) over replicas of `actors.value.Value`: itself a ValueFunction."""
 
     def values(self, prefixes: list[list[int]]) -> list[float]:
-        return self.replicas.run("values", prefixes)
+        return self._run("values", prefixes)
 
     def next_values(self, prefixes: list[list[int]], candidates: list[list[int]]) -> list[list[float]]:
-        return self.replicas.run("next_values", prefixes, candidates)
+        return self._run("next_values", prefixes, candidates)
 
 
 class TrainerGroup(_Group):
@@ -159,7 +218,7 @@ class TrainerGroup(_Group):
 
     def fit(self, prompt_ids: list[list[int]], completion_ids: list[list[int]], rewards: list[float],
             heldout: list[bool], end_ids: list[int]) -> dict[str, Any]:
-        return self.replicas.run("fit", prompt_ids, completion_ids, rewards, heldout, end_ids)
+        return self._run("fit", prompt_ids, completion_ids, rewards, heldout, end_ids)
 
 
 class ValueSum:
@@ -190,6 +249,11 @@ class ValueSum:
     def info(self) -> list[dict[str, Any]]:
         return self.group.info() if self.group is not None else []
 
+    @property
+    def counts(self) -> RoleCounts | None:
+        """The value actors' counts; the heads' calls are the policy's."""
+        return self.group.counts if self.group is not None else None
+
     def shutdown(self) -> None:
         if self.group is not None:  # the policy group is shut down as the policy role
             self.group.shutdown()
@@ -209,7 +273,7 @@ class RewardGroup(_Group):
         completion_ids: list[list[int]] | None,
         columns: dict[str, list[Any]],
     ) -> list[Scored]:
-        return self.replicas.run("score", prompts, completions, completion_ids, columns)
+        return self._run("score", prompts, completions, completion_ids, columns)
 
 
 _CACHED_FAULTS = (None, "timeout", "oom")
@@ -245,7 +309,7 @@ class SandboxGroup(_Group):
             lanes = max(1, min(len(self.replicas), len(items)))
             chunks = [items[i::lanes] for i in range(lanes)]
             with ThreadPoolExecutor(max_workers=lanes) as pool:
-                done = list(pool.map(lambda chunk: self.replicas.run("run", [job for _, job in chunk]), chunks))
+                done = list(pool.map(lambda chunk: self._run("run", [job for _, job in chunk]), chunks))
             for chunk, verdicts in zip(chunks, done, strict=True):
                 for (key, _), verdict in zip(chunk, verdicts, strict=True):
                     found[key] = verdict
@@ -261,11 +325,11 @@ class BaselineTrainerGroup(_Group):
     """The baseline trainer (`actors.baseline_trainer.BaselineTrainer`): DPO, then samples from the result."""
 
     def align_dpo(self, pairs: list, out_dir: str, settings: dict[str, Any]) -> dict[str, Any]:
-        return self.replicas.run("align_dpo", pairs, out_dir, settings)
+        return self._run("align_dpo", pairs, out_dir, settings)
 
     def generate(self, model_dir: str, prompt_ids: list[list[int]], params: SamplingParams,
                  keys: list[str]) -> list[list[Completion]]:
-        return self.replicas.run("generate", model_dir, prompt_ids, params, keys)
+        return self._run("generate", model_dir, prompt_ids, params, keys)
 
     def write_card(self, out_dir: str, card: dict[str, Any]) -> None:
-        self.replicas.run("write_card", out_dir, card)
+        self._run("write_card", out_dir, card)

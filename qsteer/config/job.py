@@ -73,7 +73,8 @@ class JobConfig(Config):
     batch_size: Annotated[int, Range(1)] = resource(16)
     """Prompts per workflow call; results are written as each batch finishes."""
     progress: bool = resource(True)
-    """Show a progress bar on stderr."""
+    """Show the live view on stderr: prompts done, tokens/s, calls and errors per role (`progress.json`
+    in the run folder has the same numbers either way)."""
     generation_cache: str | None = resource(None)
     """A folder of completions keyed by model, prompt tokens, sampling parameters, seed, prompt id and
     sample index (`qsteer/cache.py`): a rerun with a new reward generates nothing, a larger
