@@ -67,6 +67,10 @@ def test_multirun_sweep_writes_one_table_and_one_plot(tmp_path):
     table = (sweep / "sweep.md").read_text()
     assert "workflow.n" in table and table.count("\n") == 4  # header, rule, two runs
     assert (sweep / "reward_vs_n.png").stat().st_size > 1000
+    assert "data:image/png;base64," in (sweep / "report.html").read_text()  # the page, with the plot inside
+    for point in ("0", "1"):  # each point's live numbers, final
+        progress = json.loads((sweep / point / "progress.json").read_text())
+        assert progress["state"] == "finished" and progress["prompts_done"] == 3
     rows = json.loads((sweep / "sweep.json").read_text())
     assert [r["workflow.n"] for r in rows] == [1, 3]
     assert rows[1]["mean_reward"] >= rows[0]["mean_reward"]
