@@ -1,4 +1,4 @@
-"""The reward-vs-KL frontier on the sentiment set: Best-of-N, controlled decoding, ARGS and beam search, one report.
+"""The reward-vs-KL frontier on the sentiment set: Best-of-N, controlled decoding, ARGS, beam search, DVTS.
 
 Every run is a real run folder (`run_job` on in-process role groups: one hf engine for the
 policy, the sentiment reward in process; no Ray, so the CPU goes to the models), written under
@@ -8,11 +8,15 @@ policy, the sentiment reward in process; no Ray, so the CPU goes to the models),
   controlled_decoding blockwise   K in {2, 4}, M = tokens / 3      (needs --value)
   controlled_decoding tokenwise   alpha in {0, 2, 8}               (needs --value)
   args (sampled, not greedy)      alpha in {0, 2, 8}
-  beam_search                     n = 4, beam_width = 2
+  beam_search, dvts               n in {2, 4}, beam_width = 2, steps of tokens / 3: n candidate steps
+                                  per step, about n x tokens generated per prompt, Best-of-N's budget
+                                  at N = n (dvts at n = 2 is one subtree: beam search at n = 2)
+  the same, by the value          workflow.scorer=value            (needs --value)
   transfer_qstar (sampled)        alpha in {0, 2, 8}, k = 4, m = 2, L = tokens / 3   (needs --baseline)
 
 `--value` is a Q-head on the policy's backbone, as `qsteer workflow=train_value` writes it
-(RUN_DIR/value); without it both controlled-decoding sweeps are skipped (said in the output).
+(RUN_DIR/value); without it both controlled-decoding sweeps and the value-scored searches are
+skipped (said in the output).
 `--baseline` is an aligned model folder (`workflow=align_baseline` writes RUN_DIR/baseline), for
 direct transfer; without it Transfer Q* is skipped. Other run folders can join the report later:
 `qsteer-report --frontier RUNS MORE_RUNS... --out OUT`.
@@ -37,6 +41,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ALPHAS = (0, 2, 8)
+SEARCH_NS = (2, 4)  # candidate steps per prompt per step: Best-of-N's N at equal generated tokens
 
 
 def sweeps(tokens: int, with_value: bool, with_baseline: bool) -> list[tuple[str, list[str]]]:
@@ -49,8 +54,11 @@ def sweeps(tokens: int, with_value: bool, with_baseline: bool) -> list[tuple[str
         out += [(f"cd_tokenwise_a{a}", ["workflow=controlled_decoding", "workflow.mode=tokenwise",
                                         f"workflow.alpha={a}"]) for a in ALPHAS]
     out += [(f"args_a{a}", ["workflow=args", "workflow.greedy=false", f"workflow.alpha={a}"]) for a in ALPHAS]
-    out += [("beam_search_w2", ["workflow=beam_search", "workflow.n=4", "workflow.beam_width=2",
-                                f"workflow.block_size={max(1, tokens // 3)}"])]
+    step = f"workflow.block_size={max(1, tokens // 3)}"
+    scorers = [("", [])] + ([("_value", ["workflow.scorer=value"])] if with_value else [])
+    out += [(f"{workflow}{tag}_n{n}_w2", [f"workflow={workflow}", f"workflow.n={n}", "workflow.beam_width=2", step,
+                                         *scorer])
+            for workflow in ("beam_search", "dvts") for tag, scorer in scorers for n in SEARCH_NS]
     if with_baseline:
         out += [(f"tqstar_a{a}", ["workflow=transfer_qstar", "workflow.greedy=false", f"workflow.alpha={a}",
                                   "workflow.top_k=4", "workflow.rollouts=2", "workflow.rollout_sampling=sample",
@@ -113,7 +121,7 @@ def main() -> None:
               f"generation.max_new_tokens={args.tokens}"]
     plan = sweeps(args.tokens, value is not None, baseline is not None)
     if value is None:
-        print("no --value: controlled decoding (blockwise and tokenwise) skipped")
+        print("no --value: controlled decoding (blockwise and tokenwise) and value-scored search skipped")
     if baseline is None:
         print("no --baseline: Transfer Q* skipped")
     baseline_role = local_policy(build_engine("hf", path=baseline, num_threads=1)) if baseline else None
@@ -122,7 +130,7 @@ def main() -> None:
         policy = Policy(engine)
         roles: dict = {"reward": reward}
         extra = []
-        if value is not None and "workflow=controlled_decoding" in overrides:
+        if value is not None and ("workflow=controlled_decoding" in overrides or "workflow.scorer=value" in overrides):
             policy.load_value_heads([(value, 1.0)])
             roles["value"] = ValueSum(PolicyGroup(LocalReplicas([policy])), None)
             extra = [f"value.path={value}"]

@@ -295,9 +295,12 @@ def check_job(cfg: DictConfig, records: list[dict]) -> None:
 
 def needs_value(cfg: DictConfig) -> bool:
     """Whether the workflow scores by a value: blockwise CD with M >= the budget and the reward on finished
-    candidates (Best-of-K) scores every candidate by the reward."""
+    candidates (Best-of-K) scores every candidate by the reward, and the step searches (beam_search, dvts)
+    use a value only with workflow.scorer=value."""
     w = cfg.workflow
     if "value" not in WORKFLOWS[w.name].roles:
+        return False
+    if w.get("scorer", "value") != "value":
         return False
     return not (w.get("mode") == "blockwise" and w.get("score_finished")
                 and w.get("block_size", 0) >= cfg.generation.max_new_tokens)

@@ -87,6 +87,16 @@ def test_frontier_table_has_each_methods_reward_kl_and_tokens(folders):
     assert table[-1].startswith("| beam_search | beam_width | 2 | 0.8 | - | no KL | 25 | 2 | 0 |")
 
 
+def test_a_value_scored_search_is_a_line_of_its_own(folders):
+    make_run(folders / "dvts_value", {"name": "dvts", "n": 4, "beam_width": 2, "scorer": "value"},
+             [rec(0.5, 40), rec(0.25, 44)])
+    frontier([folders / "beam", folders / "dvts_value"])
+    rows = json.loads((folders / "frontier.json").read_text())
+    assert [(r["method"], r["knob"], r["value"], r["mean_reward"], r["mean_kl"], r["kl_kind"], r["tokens_per_prompt"])
+            for r in rows] == [("beam_search", "beam_width", 2, 0.8, None, "no KL", 25.0),
+                               ("dvts/value", "n", 4, 0.375, None, "no KL", 42.0)]
+
+
 def test_the_cli_takes_several_folders_and_an_out_folder(folders, tmp_path, monkeypatch):
     out = tmp_path / "report"
     monkeypatch.setattr(sys, "argv", ["qsteer-report", "--frontier", str(folders / "bon"), str(folders / "tq"),

@@ -3,19 +3,24 @@
 The defining checks: one beam with one candidate is plain sampling, token for token; DVTS with one
 subtree is beam search; every step keeps the best-scoring candidates of each prompt's own beams
 (never a pool shared across prompts, search-and-learn#26); the records count calls and tokens per
-role. The tiny model runs in float64, where a step's prefill and the plain loop's decode give the
-same numbers, so equalities are exact.
+role. Scored by a value (`workflow.scorer=value`): a value equal to the reward on every prefix
+searches exactly as the reward does, and a tabular value over token ids keeps the steps, and picks
+the output, that its table predicts. The tiny model runs in float64, where a step's prefill and the
+plain loop's decode give the same numbers, so equalities are exact.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
+import torch
 from reward_fns import word_count
 
-from qsteer.actors.local import local_policy, local_reward
+from qsteer.actors.local import local_policy, local_reward, local_value
 from qsteer.config import ConfigError, check_config, speculative_config
 from qsteer.data import load_dataset
-from qsteer.run import context
+from qsteer.run import context, run_job
 from qsteer.workflows import WORKFLOWS
 
 # short steps (a space ends one, or 3 tokens) so that an 8-token completion takes several
@@ -39,10 +44,12 @@ def engines64(tiny_path):
 
 @pytest.fixture
 def run(compose, engines64):
-    def _run(records, *overrides, reward=word_count, engine="plain"):
+    def _run(records, *overrides, reward=word_count, engine="plain", value=None):
         cfg = compose(*overrides)
         check_config(cfg)
         roles = {"policy": local_policy(engines64[engine]), "reward": local_reward(reward)}
+        if value is not None:
+            roles["value"] = local_value(value)
         ctx = context(cfg, roles, speculative_config(cfg))
         return WORKFLOWS[cfg.workflow.name].run(records, ctx), roles
 
@@ -148,3 +155,89 @@ def test_beam_search_through_run_job_on_ray_with_the_prefix_cache(ray_session, c
     in_process, _ = run(prompts, *search)
     assert [(r["output"], r["reward"], r["candidates"]) for r in on_ray] == \
         [(r["output"], r["reward"], r["candidates"]) for r in in_process]
+
+
+class KnownValue:
+    """A value known in closed form: `of_completion` of the completion's token ids (the prompt's ids, which
+    every prefix the search sends starts with, stripped). Logs each call as (record, completion ids) pairs."""
+
+    def __init__(self, prompt_ids: list[list[int]], of_completion: Callable[[list[int]], float]) -> None:
+        self.prompt_ids, self.of_completion = prompt_ids, of_completion
+        self.calls: list[list[tuple[int, list[int]]]] = []
+
+    def values(self, prefixes: list[list[int]]) -> list[float]:
+        call = []
+        for prefix in prefixes:
+            record = max((i for i, p in enumerate(self.prompt_ids) if prefix[: len(p)] == p),
+                         key=lambda i: len(self.prompt_ids[i]))
+            call.append((record, prefix[len(self.prompt_ids[record]):]))
+        self.calls.append(call)
+        return [self.of_completion(ids) for _, ids in call]
+
+    def next_values(self, prefixes: list[list[int]], candidates: list[list[int]]) -> list[list[float]]:
+        return [self.values([prefix + [z] for z in cands]) for prefix, cands in zip(prefixes, candidates, strict=True)]
+
+
+SEARCH = ["workflow.n=4", "workflow.beam_width=2", *STEPS]
+
+
+@pytest.mark.parametrize("workflow", ["beam_search", "dvts"])
+def test_a_value_equal_to_the_reward_searches_as_the_reward(run, prompts, engines64, workflow):
+    """V(prefix) = the reward of the prefix's text: every step ranks as the reward does, so the records are
+    the reward-scored search's, with each candidate's value beside its reward; the value is called once a
+    step and the reward once, on the finished beams."""
+    engine = engines64["plain"]
+    value = KnownValue(engine.encode([p["prompt"] for p in prompts]),
+                       lambda ids: word_count([], [engine.decode(ids)])[0])
+    by_reward, _ = run(prompts, f"workflow={workflow}", *SEARCH)
+    by_value, roles = run(prompts, f"workflow={workflow}", *SEARCH, "workflow.scorer=value", value=value)
+    for v, r in zip(by_value, by_reward, strict=True):
+        assert (v["output"], v["reward"], v["selected"]) == (r["output"], r["reward"], r["selected"])
+        assert [{k: x for k, x in c.items() if k != "value"} for c in v["candidates"]] == r["candidates"]
+        assert all(c["value"] == c["reward"] for c in v["candidates"])
+        use, ref = v["stats"]["roles"], r["stats"]["roles"]
+        assert use["policy"] == ref["policy"] and v["stats"]["steps"] == r["stats"]["steps"]
+        assert use["value"] == {"calls": ref["reward"]["calls"], "prefixes": ref["reward"]["texts"]}
+        assert use["reward"] == {"calls": 1, "texts": len(v["candidates"])}
+    assert len(value.calls) == max(r["stats"]["steps"] for r in by_value)
+    assert roles["reward"].info()[0]["calls"] == 1
+
+
+@pytest.mark.parametrize("workflow", ["beam_search", "dvts"])
+def test_a_tabular_value_picks_the_steps_and_the_output(run, prompts, engines64, workflow):
+    """V = the sum of a fixed random weight per completion token: replayed from the value's calls, every
+    step's candidates extend the best-valued of the step before (n / beam_width of them in beam search,
+    each subtree's best in DVTS), and the output is the finished beam of highest value, whatever its
+    reward (the reward only scores the finished beams)."""
+    engine = engines64["plain"]
+    weights = torch.randn(engine.model.config.vocab_size, generator=torch.Generator().manual_seed(0),
+                          dtype=torch.float64).tolist()
+
+    def table(ids: list[int]) -> float:
+        return sum(weights[t] for t in ids)
+
+    value = KnownValue(engine.encode([p["prompt"] for p in prompts]), table)
+    rows, _ = run(prompts, f"workflow={workflow}", *SEARCH, "workflow.scorer=value", value=value)
+    for position, row in enumerate(rows):
+        steps = [[ids for record, ids in call if record == position] for call in value.calls]
+        steps = [s for s in steps if s]
+        assert len(steps) == row["stats"]["steps"] > 1
+        for before, after in zip(steps, steps[1:], strict=False):
+            groups = [range(len(before))] if workflow == "beam_search" else \
+                [range(i, i + 2) for i in range(0, len(before), 2)]
+            keep = 2 if workflow == "beam_search" else 1
+            parents = [before[i] for group in groups
+                       for i in sorted(group, key=lambda i: (-table(before[i]), i))[:keep]]
+            assert all(any(ids[: len(p)] == p and len(ids) > len(p) for p in parents) for ids in after)
+        seen = {(engine.decode(ids), len(ids)): table(ids) for step in steps for ids in step}
+        candidates = row["candidates"]
+        assert [c["value"] for c in candidates] == [seen[c["text"], c["num_tokens"]] for c in candidates]
+        best = max(range(len(candidates)), key=lambda i: (candidates[i]["value"], -i))
+        assert row["selected"] == best and row["output"] == candidates[best]["text"]
+        assert [c["reward"] for c in candidates] == word_count([], [c["text"] for c in candidates])
+        assert row["stats"]["roles"]["reward"] == {"calls": 1, "texts": len(candidates)}
+
+
+def test_value_scorer_needs_a_value_named_by_key(compose, tmp_path):
+    with pytest.raises(ConfigError, match=r"^value\.path is required by workflow=dvts"):
+        run_job(compose("workflow=dvts", "workflow.scorer=value"), tmp_path / "dvts")

@@ -2,6 +2,12 @@
 
 One vLLM engine is loaded for the module (startup costs tens of seconds on a CPU); the hf
 engine is the session's. Skipped, with the reason, where vLLM is not installed.
+
+The step-level workflows on it (issue 10): blockwise controlled decoding, beam search and DVTS
+run on the vllm engine, and the two engines make the same blockwise choices when given the same
+candidate blocks. The value there is a scalar head with random weights on the tiny model of the
+tests (its own backbone, as in value actors: a head on the policy's backbone rides in the hf
+engine only), which shares the default model's vocabulary.
 """
 
 from __future__ import annotations
@@ -11,9 +17,16 @@ import json
 
 import engine_checks
 import pytest
+from reward_fns import word_count
 
+from qsteer.actors.local import LocalReplicas, local_policy, local_reward, local_value
+from qsteer.actors.policy import Policy
+from qsteer.actors.roles import PolicyGroup
+from qsteer.config import check_config, speculative_config
 from qsteer.data import load_dataset
-from qsteer.engines.base import SamplingParams
+from qsteer.engines.base import Completion, SamplingParams
+from qsteer.run import context
+from qsteer.workflows import WORKFLOWS
 
 pytestmark = pytest.mark.slow
 
@@ -153,3 +166,116 @@ def test_best_of_n_and_sample_run_on_vllm(ray_session, compose, tmp_path):
         assert b["reward"] == max(c["reward"] for c in b["candidates"])
         # sample 0 has the same seed whatever n is: plain sampling's output is Best-of-4's first candidate
         assert s["output"] == b["candidates"][0]["text"]
+
+
+# -- step-level workflows on the vllm engine ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_value(tiny_path):
+    """A scalar value with random weights on the tiny model's own backbone (the default model's vocabulary)."""
+    import torch
+
+    from qsteer.values import ValueScorer
+    from qsteer.values.model import ValueModel
+
+    model = ValueModel.separate(tiny_path, "scalar")
+    with torch.no_grad():
+        model.head.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    return ValueScorer(model)
+
+
+@pytest.fixture
+def run_workflow(compose, tiny_value):
+    def _run(records, policy, *overrides):
+        cfg = compose("model.engine=vllm", "generation.max_new_tokens=12", *overrides)
+        check_config(cfg)  # model.engine=vllm is accepted for these workflows
+        roles = {"policy": policy, "reward": local_reward(word_count), "value": local_value(tiny_value)}
+        ctx = context(cfg, roles, speculative_config(cfg))
+        return WORKFLOWS[cfg.workflow.name].run(records, ctx)
+
+    return _run
+
+
+BLOCKWISE = ["workflow=controlled_decoding", "workflow.mode=blockwise", "workflow.n=3", "workflow.block_size=4"]
+SEARCHES = {
+    "blockwise": BLOCKWISE,
+    "beam_search": ["workflow=beam_search", "workflow.n=4", "workflow.beam_width=2", "workflow.block_size=4"],
+    "dvts": ["workflow=dvts", "workflow.n=4", "workflow.beam_width=2", "workflow.block_size=4"],
+    "beam_search_by_value": ["workflow=beam_search", "workflow.n=4", "workflow.beam_width=2", "workflow.block_size=4",
+                             "workflow.scorer=value"],
+}
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("method", list(SEARCHES))
+def test_step_level_workflows_run_on_vllm(vllm_engine, run_workflow, method):
+    """Each step a real vLLM call continuing the answer so far; each record's choices are its scorer's."""
+    records = load_dataset("sentiment", limit=2)
+    rows = run_workflow(records, local_policy(vllm_engine), *SEARCHES[method])
+    for row in rows:
+        assert row["error"] is None and row["output"] and row["reward"] == word_count([], [row["output"]])[0]
+        if method == "blockwise":
+            assert len(row["blocks"]) > 1 and row["stats"]["generated_tokens"] <= 12
+            for block in row["blocks"]:
+                assert block["chosen"] == max(range(3), key=lambda j: (block["values"][j], -j))
+        else:
+            assert row["stats"]["steps"] > 1 and row["stats"]["roles"]["policy"]["candidates"] >= 4
+            assert all(c["num_tokens"] <= 12 for c in row["candidates"])
+            rank = "value" if method.endswith("by_value") else "reward"
+            assert row["selected"] == max(range(len(row["candidates"])),
+                                          key=lambda i: (row["candidates"][i][rank], -i))
+
+
+class Recording(PolicyGroup):
+    """The policy role of an engine, keeping the candidate blocks it samples, by the prefix each continues."""
+
+    def __init__(self, engine) -> None:
+        super().__init__(LocalReplicas([Policy(engine)]))
+        self.blocks: dict[tuple[int, ...], list[list[int]]] = {}
+
+    def generate(self, prompt_ids, params, keys):
+        out = super().generate(prompt_ids, params, keys)
+        for ids, completions in zip(prompt_ids, out, strict=True):
+            self.blocks[tuple(ids)] = [c.token_ids for c in completions]
+        return out
+
+
+class GivenBlocks(PolicyGroup):
+    """The policy role of an engine whose `generate` returns the blocks another engine sampled for the same
+    prefix (the two engines' samplers draw differently, so the same candidates must be given): the
+    prompt's encoding, the blocks' texts, log-probabilities and end (its EOS ids) are this engine's own."""
+
+    def __init__(self, engine, blocks: dict[tuple[int, ...], list[list[int]]]) -> None:
+        super().__init__(LocalReplicas([Policy(engine)]))
+        self.eos, self.blocks = set(engine.eos_token_ids), blocks
+
+    def generate(self, prompt_ids, params, keys):
+        out = []
+        for ids in prompt_ids:
+            blocks = self.blocks[tuple(ids)]  # a KeyError: this engine built another prefix
+            assert len(blocks) == params.n
+            logprobs = self.score([ids] * len(blocks), blocks)
+            out.append([Completion(block, text, lps, "stop" if block and block[-1] in self.eos else "length")
+                        for block, text, lps in zip(blocks, self.decode(blocks), logprobs, strict=True)])
+        return out
+
+
+@pytest.mark.vllm
+def test_engines_agree_on_blockwise_choices_given_the_same_blocks(engine, vllm_engine, run_workflow):
+    """Blockwise CD sampled on one engine, then run on the other with those very blocks: every round keeps
+    the same block with the same values, and the outputs and rewards are the same (each way round). A
+    finished block is scored by the reward on its text (`score_finished`), so the engines' texts and
+    ends count too."""
+    records = load_dataset("sentiment", limit=3)
+    overrides = [*BLOCKWISE, "workflow.score_finished=true", "generation.max_new_tokens=16"]
+    for source, other in ((vllm_engine, engine), (engine, vllm_engine)):
+        sampled = Recording(source)
+        first = run_workflow(records, sampled, *overrides)
+        again = run_workflow(records, GivenBlocks(other, sampled.blocks), *overrides)
+        chosen = [[[b["chosen"] for b in r["blocks"]] for r in rows] for rows in (first, again)]
+        assert chosen[0] == chosen[1]
+        for a, b in zip(again, first, strict=True):
+            assert [x["values"] for x in a["blocks"]] == [pytest.approx(x["values"], abs=1e-6) for x in b["blocks"]]
+            assert (a["output"], a["reward"], a["kl"]) == (b["output"], b["reward"], b["kl"])
+        assert any(b["chosen"] > 0 for r in first for b in r["blocks"])  # the choices are not all the first block

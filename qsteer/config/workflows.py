@@ -128,9 +128,11 @@ class StepSearchConfig(WorkflowConfig):
     delimiter: str = "\n\n"
     """A step ends once this string appears (search-and-learn's blank line); empty: steps end only
     after `block_size` tokens or at EOS."""
-    scorer: Literal["reward"] = "reward"
-    """What ranks the partial texts: `reward`, the reward group on the text so far (reward=model, or
-    any reward that takes a partial text)."""
+    scorer: Literal["reward", "value"] = "reward"
+    """What ranks the partial answers and picks the output: `reward`, the reward group on the text so far
+    (reward=model, or any reward that takes a partial text); `value`, the `value=` group on the prompt's
+    and the beam's token ids (value.path, as controlled decoding), the reward then only scoring the
+    finished beams for the records."""
 
     def check(self) -> None:
         if self.n % self.beam_width:

@@ -12,7 +12,8 @@ the one its records can support:
   the KL is that soft law's (`guided law (greedy)`).
 - `sample`: 0, exactly (it is the base policy).
 - `beam_search`, `dvts`: their records carry no KL (a beam's selection has no closed-form bound):
-  `no KL`, so they sit on the reward-vs-tokens panel only.
+  `no KL`, so they sit on the reward-vs-tokens panel only. Ranked by a value
+  (`workflow.scorer=value`) they are their own lines, `beam_search/value` and `dvts/value`.
 
 Generated tokens count every role's sampling for the record: all of Best-of-N's candidates, all
 of blockwise CD's sampled blocks (kept or not: `stats.sampled_tokens`), the baseline's rollout
@@ -33,7 +34,9 @@ KNOBS: dict[str, tuple[str, ...]] = {
     "transfer_qstar": ("alpha", "top_k", "rollouts"),
     "args": ("alpha", "top_k"),
     "beam_search": ("beam_width", "n"),
+    "beam_search/value": ("beam_width", "n"),
     "dvts": ("n", "beam_width"),
+    "dvts/value": ("n", "beam_width"),
 }
 
 
@@ -42,10 +45,13 @@ class FrontierError(ValueError):
 
 
 def method_of(config: dict[str, Any]) -> str:
-    """The frontier's name for a run's method: the workflow, with controlled decoding's mode."""
+    """The frontier's name for a run's method: the workflow, with controlled decoding's mode and a step
+    search's value scorer."""
     name = config.get("workflow.name")
     if name == "controlled_decoding":
         return f"{name}/{config.get('workflow.mode', 'tokenwise')}"
+    if name in ("beam_search", "dvts") and config.get("workflow.scorer") == "value":
+        return f"{name}/value"
     return str(name)
 
 

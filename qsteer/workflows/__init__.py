@@ -62,8 +62,8 @@ WORKFLOWS: dict[str, Workflow] = {
     "speculative": Workflow(speculative.run, ("policy", "reward")),
     "controlled_decoding": Workflow(controlled_decoding.run, ("policy", "reward", "value")),
     "train_value": Workflow(train_value.run, ("policy", "reward", "trainer"), finish=train_value.finish),
-    "beam_search": Workflow(beam_search.run, ("policy", "reward")),
-    "dvts": Workflow(dvts.run, ("policy", "reward")),
+    "beam_search": Workflow(beam_search.run, ("policy", "reward", "value")),  # value: with workflow.scorer=value
+    "dvts": Workflow(dvts.run, ("policy", "reward", "value")),  # value: with workflow.scorer=value
     "repeated_sampling": Workflow(repeated_sampling.run, ("policy", "sandbox")),
     "ideasearch": Workflow(ideasearch.run, ("policy", "sandbox")),
     "plansearch": Workflow(plansearch.run, ("policy", "sandbox")),

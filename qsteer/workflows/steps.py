@@ -22,10 +22,13 @@ After search-and-learn (`src/sal/search/beam_search.py`, `diverse_verifier_tree_
   step and j. A search of one beam with one candidate therefore draws exactly the tokens plain
   sampling draws for the same seed and prompt id, and no two candidates share a stream.
 
-The scorer is a seam (`StepScorer`): `RewardScorer` scores the text so far with the reward group
-(`reward=model`, or any reward that accepts a partial text). A value model scoring the prefix's
-token ids fits the same protocol; when a scorer is not the reward, finished beams are scored once
-more by the reward for the record.
+The scorer is a seam (`StepScorer`, chosen by `workflow.scorer`): `RewardScorer` scores the text
+so far with the reward group (`reward=model`, or any reward that accepts a partial text);
+`ValueStepScorer` scores the prefix's token ids (prompt and beam) with the `value=` group, as
+blockwise controlled decoding does. The scorer alone ranks beams and picks the output; with a
+value, the finished beams are then scored once by the reward for the records (search-and-learn
+likewise picks its answer by the verifier, and reports the task's score beside it), so the reward
+never steers a value-scored search.
 """
 
 from __future__ import annotations
@@ -43,7 +46,9 @@ class Beam:
     offset: int  # draws its stream has made
     steps: int = 0
     text: str = ""
-    score: float | None = None
+    score: float | None = None  # the scorer's: it ranks the beam
+    reward: float | None = None  # the reward's, for the record (the score itself when the scorer is the reward)
+    value: float | None = None  # the value's, when the value scored it
     info: dict = field(default_factory=dict)
     finished: bool = False
     finish_reason: str = "length"
@@ -94,11 +99,35 @@ class RewardScorer:
         return out
 
 
-def build_scorer(records: list[dict], ctx: Context, stats: Stats, usage: list[dict]) -> StepScorer:
+class ValueStepScorer:
+    """The value role on the token ids of the prompt and the beam so far: one value call per step for the
+    whole batch (a finished beam's prefix ends with its EOS, as blockwise CD values a finished block)."""
+
+    is_reward = False
+
+    def __init__(self, prompt_ids: list[list[int]], ctx: Context, stats: Stats, usage: list[dict]) -> None:
+        if ctx.value is None:
+            raise ValueError("workflow.scorer=value ranks the steps with the value= group: set value.path")
+        self.prompt_ids, self.value, self.stats, self.usage = prompt_ids, ctx.value, stats, usage
+
+    def __call__(self, items: list[tuple[int, str, list[int]]]) -> list[tuple[float | None, dict]]:
+        values = self.value.values([self.prompt_ids[record] + ids for record, _, ids in items])
+        self.stats.value_calls += 1
+        for record in {record for record, _, _ in items}:
+            self.usage[record]["value"]["calls"] += 1
+        for record, _, _ in items:
+            self.usage[record]["value"]["prefixes"] += 1
+        return [(value, {}) for value in values]
+
+
+def build_scorer(records: list[dict], prompt_ids: list[list[int]], ctx: Context, stats: Stats,
+                 usage: list[dict]) -> StepScorer:
     """The scorer `workflow.scorer` names."""
     if ctx.workflow.scorer == "reward":
         return RewardScorer(records, ctx, stats, usage)
-    raise ValueError(f"workflow.scorer={ctx.workflow.scorer!r} is not one of: reward")
+    if ctx.workflow.scorer == "value":
+        return ValueStepScorer(prompt_ids, ctx, stats, usage)
+    raise ValueError(f"workflow.scorer={ctx.workflow.scorer!r} is not one of: reward, value")
 
 
 def search(records: list[dict], ctx: Context, trees: int, keep: int, beam_width: int) -> tuple[
@@ -107,8 +136,10 @@ def search(records: list[dict], ctx: Context, trees: int, keep: int, beam_width:
     could not be encoded, with its error), the batch's stats and each record's usage per role."""
     assert ctx.policy is not None
     stats = Stats()
+    by_value = ctx.workflow.scorer == "value"
     usage = [{"policy": {"calls": 0, "generated_tokens": 0, "prompt_tokens": 0, "candidates": 0},
-              "reward": {"calls": 0, "texts": 0}, "steps": 0} for _ in records]
+              "reward": {"calls": 0, "texts": 0}, **({"value": {"calls": 0, "prefixes": 0}} if by_value else {}),
+              "steps": 0} for _ in records]
     prompt_ids = ctx.policy.encode([r.get("messages") or r["prompt"] for r in records], ctx.chat)
     stats.policy_calls += 1
     errors = ["prompt is empty" if not ids
@@ -120,7 +151,7 @@ def search(records: list[dict], ctx: Context, trees: int, keep: int, beam_width:
                             for t in range(trees)]
         for position, (record, error) in enumerate(zip(records, errors, strict=True))
     ]
-    scorer = build_scorer(records, ctx, stats, usage)
+    scorer = build_scorer(records, prompt_ids, ctx, stats, usage)
     step = 0
     while True:
         live = [tree for group in forest if group for tree in group if tree.active]
@@ -128,11 +159,14 @@ def search(records: list[dict], ctx: Context, trees: int, keep: int, beam_width:
             break
         _step(live, prompt_ids, ctx, stats, usage, scorer, eos, step)
         step += 1
-    if not scorer.is_reward:  # the records' rewards are the reward's, whatever ranked the beams
-        finals = [(tree, beam) for group in forest if group for tree in group for beam in tree.finished]
+    finals = [(tree, beam) for group in forest if group for tree in group for beam in tree.finished]
+    if scorer.is_reward:
+        for _, beam in finals:
+            beam.reward = beam.score
+    elif finals:  # the records' rewards are the reward's; the value ranked the beams and picks the output
         rescored = RewardScorer(records, ctx, stats, usage)([(t.record, b.text, b.ids) for t, b in finals])
-        for (_, beam), (value, info) in zip(finals, rescored, strict=True):
-            beam.score, beam.info = value, info
+        for (_, beam), (reward, info) in zip(finals, rescored, strict=True):
+            beam.value, beam.reward, beam.info = beam.score, reward, info
     return forest, errors, stats, usage
 
 
@@ -209,8 +243,10 @@ def _finish(ids: list[int], text: str, eos: set[int], ctx: Context, prompt_lengt
 
 
 def beam_candidate(beam: Beam, tree: int) -> dict:
-    item = {"text": beam.text, "reward": beam.score, "num_tokens": len(beam.ids), "finish_reason": beam.finish_reason,
+    item = {"text": beam.text, "reward": beam.reward, "num_tokens": len(beam.ids), "finish_reason": beam.finish_reason,
             "steps": beam.steps, "tree": tree}
+    if beam.value is not None:
+        item["value"] = beam.value
     if beam.info:
         item["info"] = beam.info
     return item
@@ -218,18 +254,19 @@ def beam_candidate(beam: Beam, tree: int) -> dict:
 
 def records_of(records: list[dict], forest: list[list[Tree] | None], errors: list[str | None], stats: Stats,
                usage: list[dict], finals: list[list[tuple[int, Beam]]]) -> list[dict]:
-    """Result records: `finals[i]` are record i's candidates ((tree, beam) pairs), the best-scoring one
-    (the earliest among equals) is the output."""
+    """Result records: `finals[i]` are record i's candidates ((tree, beam) pairs), the one the scorer ranks
+    best (its `value` when a value scored them, else its `reward`; the earliest among equals) is the output."""
     out = []
     for record, trees, error, use, beams in zip(records, forest, errors, usage, finals, strict=True):
         row_stats = stats.as_dict(len(records)) | {
             "generated_tokens": use["policy"]["generated_tokens"], "prompt_tokens": use["policy"]["prompt_tokens"],
-            "roles": {"policy": use["policy"], "reward": use["reward"]}, "steps": use["steps"]}
+            "roles": {role: use[role] for role in ("policy", "reward", "value") if role in use}, "steps": use["steps"]}
         if trees is None:
             out.append(result(record, None, None, [], row_stats, error))
             continue
         candidates = [beam_candidate(beam, tree) for tree, beam in beams]
-        chosen = max(range(len(candidates)), key=lambda i: (_rank(candidates[i]["reward"]), -i))
+        ranks = [_rank(c.get("value", c["reward"])) for c in candidates]
+        chosen = max(range(len(candidates)), key=lambda i: (ranks[i], -i))
         best = candidates[chosen]
         failed = None if best["reward"] is not None else best.get("info", {}).get("error", "reward returned None")
         out.append(result(record, best["text"], best["reward"], candidates, row_stats, failed, selected=chosen))
