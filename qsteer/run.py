@@ -94,6 +94,8 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
     progress = Progress(out_dir / "progress.json", workflow=cfg.workflow.name, total=len(records),
                         done=len(records) - len(todo), show=bool(cfg.progress)).start()
     ended = "failed"
+    restarted = 0
+    ignored: dict[int, Any] = {}
     try:
         if own_roles:
             roles = {}
@@ -114,11 +116,12 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
             if todo:
                 # refuse a plan the cluster cannot hold before any actor starts: Ray would wait forever
                 plan = plan_placement(demands(cfg, needed, draft, has_gpu()), placement, ray_nodes())
-                reserve(plan, placement, into=reservation)
+                warm = warm_groups(cfg, placement) if cfg.cluster.warm else None
+                reserve(plan, placement, into=reservation, warm=warm)
                 build_roles(needed, cfg, draft, into=roles, scheduling=reservation.strategies)
         ctx = context(cfg, roles, draft, out_dir)  # waits for the policy replicas to load
-        # a warm replica counts the calls of earlier runs too
-        calls_before = [info["calls"] for info in ctx.policy.info()] if ctx.policy is not None else []
+        # a warm replica counts the calls of earlier runs too, and a restarted one counts from 0
+        replicas_before = ctx.policy.info() if ctx.policy is not None else []
         ready = time.perf_counter()
         progress.watch(role_counts(roles))
         failures = run_batches(workflow, todo, ctx, results, cfg, progress)
@@ -130,8 +133,8 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
                     (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                     (tmp / name).write_bytes(data)
         finished = time.perf_counter()
-        replica_calls = [info["calls"] - before for info, before in zip(ctx.policy.info(), calls_before, strict=True)] \
-            if ctx.policy is not None else []
+        if ctx.policy is not None:
+            replica_calls, restarted = replica_counts(replicas_before, ctx.policy.info())
         cache_counts = ctx.policy.counts() if isinstance(ctx.policy, CachedPolicy) else None
         if own_roles:
             actors = {role: n for role, group in roles.items() if (n := _started(group)) is not None}
@@ -140,7 +143,7 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
         ended = "finished"
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM through the CLI's handler: keep what finished
         stopped, ended = err, "stopped"
-        _ignore_signals()  # a second Ctrl-C must not cut the cleanup short and orphan Ray's processes
+        ignored = _ignore_signals()  # a second Ctrl-C must not cut the cleanup short and orphan Ray's processes
     finally:
         progress.close(ended)  # before Ray goes: the last snapshot reaches its metrics too
         if own_roles:
@@ -154,6 +157,10 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
             import ray
 
             ray.shutdown()
+        # Restored, not left ignored: a process that calls run_job again (a test, a notebook) would
+        # otherwise ignore Ctrl-C from then on, and so would every child it starts (SIG_IGN is inherited).
+        for signum, handler in ignored.items():
+            signal.signal(signum, handler)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
@@ -166,6 +173,8 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
     )
     if retried:
         summary["metrics"]["retried_errors"] = retried
+    if restarted:  # replicas whose process died and that Ray restarted during the run (their calls retried)
+        summary["metrics"]["policy_replicas_restarted"] = restarted
     if trained is not None:
         summary["metrics"]["value"] = {"path": str(out_dir / "value"), **trained["card"]}
     if actors is not None:  # the role actors this run started (each loads its model; warm ones are reused)
@@ -230,10 +239,23 @@ def _stop_on_sigterm() -> Any:
     return signal.signal(signal.SIGTERM, stop)
 
 
-def _ignore_signals() -> None:
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, signal.SIG_IGN)
+def _ignore_signals() -> dict[int, Any]:
+    """Ignore SIGINT and SIGTERM (on the main thread); the handlers they had, to restore."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signum: signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+
+def replica_counts(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> tuple[list[int], int]:
+    """Each policy replica's calls during the run, from its `info()` before and after, and how many
+    replicas were restarted: a replica whose process changed (Ray restarted it after its process died)
+    counts from zero in its new process, so its calls are those the new process served."""
+    calls, restarted = [], 0
+    for old, new in zip(before, after, strict=True):
+        same = old.get("pid") == new.get("pid")
+        calls.append(new["calls"] - (old["calls"] if same else 0))
+        restarted += not same
+    return calls, restarted
 
 
 def check_job(cfg: DictConfig, records: list[dict]) -> None:
@@ -707,6 +729,18 @@ def build_draft_group(cfg: DictConfig, has_gpu: bool, scheduling: list | None = 
         max_restarts=a.max_restarts, scheduling=scheduling, warm=cfg.cluster.warm, num_threads=threads, path=cfg.draft.path or cfg.model.path,
         dtype=a.dtype, device=a.device, chat_template=cfg.model.chat_template,
     )
+
+
+def warm_groups(cfg: DictConfig, placement: tuple) -> dict[int, Any]:
+    """Per placement group, the config its warm actors are made from (their roles' groups, the value heads
+    riding in the policy, the draft): what names its detached placement group (`placement.warm_group_name`)."""
+    sections = {"policy": ("model", "value", "draft"), "draft": ("draft",), "reward": ("reward",)}
+    def plain(key: str) -> Any:
+        node = cfg.get(key)
+        return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+    return {index: {key: plain(key) for role in group.roles for key in sections[role]}
+            for index, group in enumerate(placement)}
 
 
 def _started(group: Any) -> int | None:

@@ -232,3 +232,51 @@ def test_a_warm_sweep_loads_the_policy_once_and_its_actors_can_be_listed_and_sto
     assert sorted(n.split("-")[2] for n in names) == ["model", "reward"]  # the policy group is model=
     assert warm("stop") == [f"stopped {n}" for n in names]
     assert warm("list") == []
+
+
+def test_warm_actors_with_a_placement_live_in_a_detached_placement_group_that_stop_removes(
+        cluster, tiny_path, tmp_path):
+    """`cluster.warm=true` with `cluster.placement`: the warm policy replicas start in the bundles of a
+    detached, named placement group (one per node: STRICT_SPREAD); the next sweep point finds the group
+    and the actors by name; `python -m qsteer.cluster.warm` lists both and `stop` removes both."""
+    env = node_env(PYTHONPATH=str(REPO))
+    sweep = subprocess.run(
+        [sys.executable, "-m", "qsteer.cli", "-m", "progress=false", f"cluster.address={cluster.gcs}",
+         "cluster.warm=true", "cluster.placement=[{roles: [policy], strategy: STRICT_SPREAD}]", "model.replicas=2",
+         f"model.path={tiny_path}", "dataset.limit=2", "generation.max_new_tokens=4", "model.num_cpus=0.5",
+         "model.num_threads=1", "workflow.n=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        env=env, capture_output=True, text=True, timeout=400)
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    started = [json.loads((tmp_path / "sweep" / str(i) / "summary.json").read_text())["metrics"]["actors_started"]
+               for i in range(2)]
+    assert [s["policy"] for s in started] == [2, 0]  # the second point reused both replicas
+    assert len({tuple(s["policy_pids"]) for s in started}) == 1
+    placed = cluster.state("""
+        from ray.util.state import list_placement_groups
+        actors = list_actors(address=ADDRESS, filters=[("class_name", "=", "PolicyActor"), ("state", "=", "ALIVE")],
+                             detail=True, limit=1000)
+        groups = {g.placement_group_id: [g.name, g.state, g.is_detached]
+                  for g in list_placement_groups(address=ADDRESS, detail=True, limit=1000)}
+        print(json.dumps([[a.name, a.node_id, groups.get(a.placement_group_id)] for a in actors
+                          if (a.name or "").startswith("qsteer-warm-")]))
+    """)
+    assert len(placed) == 2 and len({node for _, node, _ in placed}) == 2, placed  # one replica per node
+    [(group_name, state, detached)] = {tuple(group) for _, _, group in placed}  # both in one group
+    assert group_name.startswith("qsteer-warm-pg-") and state == "CREATED" and detached
+
+    def warm(*args: str) -> list[str]:
+        proc = subprocess.run([sys.executable, "-m", "qsteer.cluster.warm", *args, "--address", cluster.gcs],
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout.split("\n")[:-1]
+
+    names = warm("list")
+    assert group_name in names
+    assert sorted(name for name, _, _ in placed) == sorted(n for n in names if n.startswith("qsteer-warm-model-"))
+    assert warm("stop") == [f"stopped {n}" for n in names]
+    assert warm("list") == []
+    states = cluster.state(f"""
+        from ray.util.state import list_placement_groups
+        print(json.dumps([g.state for g in list_placement_groups(address=ADDRESS, limit=1000) if g.name == {group_name!r}]))
+    """)
+    assert states == ["REMOVED"]

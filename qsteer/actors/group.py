@@ -32,8 +32,9 @@ class ActorGroup:
     ) -> None:
         """`scheduling`: a Ray scheduling strategy per replica (its placement group bundle), or None.
         `warm`: the replicas are detached Ray actors named by a digest of everything that makes them
-        (`warm_name`), found again by a later group with the same settings and left running by
-        `shutdown`; `started` counts the replicas this group had to start (each one loads its model)."""
+        (`warm_name`, their placement group and bundle included), found again by a later group with the
+        same settings and left running by `shutdown`; `started` counts the replicas this group had to
+        start (each one loads its model)."""
         if replicas < 1:
             raise ValueError(f"{role}.replicas must be >= 1, got {replicas}")
         remote_cls = ray.remote(actor_cls)
@@ -49,7 +50,10 @@ class ActorGroup:
             raise ValueError(f"{role}: {len(scheduling)} placement bundles for {replicas} replicas")
         self.role = role
         self.warm = warm
-        name = warm_name(role, actor_cls, options=options, init=init_kwargs) if warm else None
+        # inside a (warm) placement group, the group and bundle are part of what makes a warm actor
+        where = None if scheduling is None else [
+            (s.placement_group.id.hex(), s.placement_group_bundle_index) for s in scheduling]
+        name = warm_name(role, actor_cls, options=options, init=init_kwargs, placement=where) if warm else None
         self.actors, self.started = [], 0
         for i in range(replicas):
             if name is not None:

@@ -238,10 +238,12 @@ def ray_nodes() -> list[Node]:
 
 @dataclass
 class Reservation:
-    """Placement groups held in Ray for one run, and each role's scheduling strategy per replica."""
+    """Placement groups held in Ray for one run, and each role's scheduling strategy per replica.
+    `groups` end with the run; `kept` are warm groups (detached), left for the next run."""
 
     groups: list[Any] = field(default_factory=list)
     strategies: dict[str, list[Any]] = field(default_factory=dict)
+    kept: list[Any] = field(default_factory=list)
 
     def shutdown(self) -> None:
         from ray.util import remove_placement_group
@@ -251,23 +253,54 @@ class Reservation:
         self.groups.clear()
 
 
-def reserve(plan: Plan, groups: tuple[Any, ...], timeout_s: float = 120.0, into: Reservation | None = None) -> Reservation:
-    """Create the plan's placement groups and wait until Ray has reserved them."""
+# Warm placement groups: detached and named, like the warm actors inside them (`actors.group.warm_name`).
+WARM_GROUP_PREFIX = "qsteer-warm-pg-"
+
+
+def warm_group_name(config: Any, bundles: list[dict[str, float]], roles_config: Any) -> str:
+    """The name of a warm placement group: a digest of its strategy, roles and bundles and of the config of
+    the roles in it, so that actors of another model config get a group of their own instead of waiting
+    for the bundles the old actors hold."""
+    import hashlib
+    import json
+
+    spec = json.dumps({"roles": list(config.roles), "strategy": config.strategy, "bundles": bundles,
+                       "roles_config": roles_config}, sort_keys=True, default=str)
+    return f"{WARM_GROUP_PREFIX}{hashlib.blake2b(spec.encode(), digest_size=6).hexdigest()}"
+
+
+def reserve(plan: Plan, groups: tuple[Any, ...], timeout_s: float = 120.0, into: Reservation | None = None,
+            warm: dict[int, Any] | None = None) -> Reservation:
+    """Create the plan's placement groups and wait until Ray has reserved them.
+
+    `warm` (placement group index -> the config of its roles) makes those groups warm: detached, named
+    `warm_group_name`, found again by a later run with the same plan and config, and left in Ray
+    after the run (`python -m qsteer.cluster.warm stop` removes them with their actors).
+    """
     import ray
-    from ray.util.placement_group import placement_group
+    from ray.util.placement_group import get_placement_group, placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     reservation = into if into is not None else Reservation()
     for index, bundles in plan.bundles.items():
         config = groups[index]
-        group = placement_group(bundles, strategy=config.strategy)
-        reservation.groups.append(group)
+        if warm is not None and index in warm:
+            name = warm_group_name(config, bundles, warm[index])
+            try:
+                group = get_placement_group(name)
+            except ValueError:  # none yet: this run makes it
+                group = placement_group(bundles, strategy=config.strategy, name=name, lifetime="detached")
+            reservation.kept.append(group)
+        else:
+            group = placement_group(bundles, strategy=config.strategy)
+            reservation.groups.append(group)
         ready, _ = ray.wait([group.ready()], timeout=timeout_s)
         if not ready:
             raise PlacementError(
                 f"cluster.placement[{index}] (roles {', '.join(config.roles)}): Ray did not reserve its "
                 f"{len(bundles)} bundle(s) ({_show(bundles[0])} each, {config.strategy}) within {timeout_s:g} s; "
-                "the cluster can hold them, so other jobs hold the resources now")
+                "the cluster can hold them, so other jobs (or warm actors of another config: "
+                "`python -m qsteer.cluster.warm list`) hold the resources now")
         roles = sorted({s.role for s in plan.slots if s.group == index})
         for role in roles:
             reservation.strategies[role] = [

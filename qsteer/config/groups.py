@@ -261,17 +261,15 @@ class ClusterConfig(Config):
     `cluster.placement='[{roles: [policy], strategy: STRICT_SPREAD}]'`."""
     warm: bool = False
     """Keep the role actors alive after the run, named after their config (Ray detached actors), and
-    reuse them in later runs with the same role config: a `-m` sweep loads each model once. Stop
-    them with `python -m qsteer.cluster.warm stop`. Not with `placement` (a placement group ends
-    with its run)."""
+    reuse them in later runs with the same role config: a `-m` sweep loads each model once. With
+    `placement`, its placement groups are warm too (detached, named after the plan and the roles'
+    config) and the warm actors live in their bundles. Stop them with
+    `python -m qsteer.cluster.warm stop`."""
     dry_run: bool = False
     """Print the plan (each role's replicas, resources, placement group bundle and node) and whether
     the cluster can hold it, then stop: no actor starts and no model loads."""
 
     def check(self) -> None:
-        if self.warm and self.placement:
-            raise Invalid("warm", "cannot be combined with cluster.placement yet: a run's placement groups end "
-                          "with it and would take the warm actors along")
         seen: dict[str, int] = {}
         for index, group in enumerate(self.placement):
             for role in group.roles:
