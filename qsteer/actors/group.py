@@ -10,9 +10,14 @@ place `ray.get` is called on a role's behalf: workflows see it through the typed
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import ray
+
+# How long a call keeps being resent while replicas are unreachable (a node is dying): longer than Ray
+# takes to declare a node dead and restart its actors elsewhere, so a lost node costs a wait, not a batch.
+UNAVAILABLE_WAIT_S = 300.0
 
 
 class ActorGroup:
@@ -83,17 +88,39 @@ class ActorGroup:
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> ray.ObjectRef:
         """Send one call to the replica with the fewest calls still running."""
+        return self._send(method, args, kwargs)[1]
+
+    def _send(self, method: str, args: tuple, kwargs: dict, avoid: set[int] = frozenset()) -> tuple[int, Any]:
         with self._lock:
             for refs in self._in_flight:
                 if refs:
                     _, refs[:] = ray.wait(refs, num_returns=len(refs), timeout=0)
-            index = min(range(len(self.actors)), key=lambda i: len(self._in_flight[i]))
+            # a replica that was just unreachable is tried last
+            index = min(range(len(self.actors)), key=lambda i: (i in avoid, len(self._in_flight[i])))
             ref = getattr(self.actors[index], method).remote(*args, **kwargs)
             self._in_flight[index].append(ref)
-        return ref
+        return index, ref
 
     def run(self, method: str, *args: Any) -> Any:
-        return ray.get(self.call(method, *args))
+        """Call `method` on the least busy replica and return its result.
+
+        A replica whose node died stays unreachable until Ray declares the node dead (its health
+        checks: 15-30 s) and restarts the actor elsewhere; calls sent to it meanwhile fail with
+        ActorUnavailableError after their retries (tried on a 2-node cluster, tests/test_faults.py:
+        4 of 72 batches failed that way). Calls are pure, so such a call is sent again, to another
+        replica when there is one, until `UNAVAILABLE_WAIT_S` have passed.
+        """
+        deadline = time.monotonic() + UNAVAILABLE_WAIT_S
+        avoid: set[int] = set()
+        while True:
+            index, ref = self._send(method, args, {}, avoid)
+            try:
+                return ray.get(ref)
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                avoid = {index}
+                time.sleep(1.0)
 
     def run_all(self, method: str, *args: Any) -> list[Any]:
         return ray.get([getattr(actor, method).remote(*args) for actor in self.actors])
