@@ -5,11 +5,12 @@ of the same Best-of-N run on the default model.
 Two replicas are spread one per node (`cluster.placement` STRICT_SPREAD); one replica runs on one node.
 Each actor gets one torch thread and half a CPU of Ray's resources. On this 2-core machine both nodes
 share the same two cores (and other work runs beside them), so this measures what a second replica
-costs or saves in scheduling, serialization and coordination, not the speed-up two machines would give.
-The runs alternate (1, 2, 1, 2, ...) so a change in the machine's load falls on both sides.
-Writes benchmarks/results/replicas_cpu.{json,md}.
+costs (scheduling, serialization, a second model in memory) against what a second core gives, not the
+speed-up two machines would give. The runs alternate (1, 2, 1, 2, ...) so a change in the machine's
+load falls on both sides. Writes benchmarks/results/replicas_cpu.{json,md}.
 
     python benchmarks/bench_replicas.py [--limit 8] [--n 4] [--tokens 16] [--repeats 2]
+    python benchmarks/bench_replicas.py --render     # rewrite the .md from the .json
 """
 
 from __future__ import annotations
@@ -57,7 +58,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16, help="new tokens per sample")
     parser.add_argument("--batch-size", type=int, default=2, help="prompts per batch (batches go to free replicas)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--render", action="store_true", help="only rewrite the .md from the .json")
     args = parser.parse_args()
+    if args.render:
+        render(json.loads((RESULTS / "replicas_cpu.json").read_text()))
+        return
     root = Path(tempfile.mkdtemp(prefix="qsb", dir="/tmp"))  # short: Ray's socket paths live under it
     load_before = os.getloadavg()
     cluster = None
@@ -85,20 +90,28 @@ def main() -> None:
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "replicas_cpu.json").write_text(json.dumps(out, indent=2) + "\n")
-    lines = [f"# One vs two policy replicas on a 2-node local Ray cluster ({args.limit} prompts, Best-of-{args.n}, "
-             f"{args.tokens} tokens, batches of {args.batch_size}, default model, CPU)", "",
-             "Both nodes run on the same 2-core machine: this measures the overhead of a second replica "
-             "(scheduling, serialization, a second model in memory), not the speed-up of a second machine.", "",
+    render(out)
+
+
+def render(out: dict) -> None:
+    c = out["config"]
+    lines = [f"# One vs two policy replicas on a 2-node local Ray cluster ({c['limit']} prompts, Best-of-{c['n']}, "
+             f"{c['tokens']} tokens, batches of {c['batch_size']}, default model, CPU)", "",
+             "Both nodes run on the same 2-core machine, and each replica has one torch thread: two replicas can "
+             "use both cores where one uses one. So this is what a second replica costs (scheduling, "
+             "serialization, a second model in memory) against what a second core gives, on a machine other "
+             "work shared; it is not the speed-up of a second machine.", "",
              "| run | replicas | wall s | startup s | generation s | tokens/s | calls per replica |",
              "|---|---|---|---|---|---|---|"]
-    for i, r in enumerate(runs):
+    for i, r in enumerate(out["runs"]):
         lines.append(f"| {i + 1} | {r['replicas']} | {r['wall_s']} | {r['startup_s']} | {r['generation_s']} | "
                      f"{r['tokens_per_s']} | {r['replica_calls']} |")
     ratio = out["two_over_one"]
     lines += ["", f"Two replicas over one (means): wall time {ratio['wall_s']}x, generation time "
               f"{ratio['generation_s']}x, tokens/s {ratio['tokens_per_s']}x. Load average before/after: "
-              f"{', '.join(f'{x:.1f}' for x in load_before)} / {', '.join(f'{x:.1f}' for x in out['load_average_after'])}"
-              " (a shared machine: read the ratio, not the seconds)."]
+              f"{', '.join(f'{x:.1f}' for x in out['load_average_before'])} / "
+              f"{', '.join(f'{x:.1f}' for x in out['load_average_after'])} (a shared machine: read the ratio, "
+              "not the seconds)."]
     (RESULTS / "replicas_cpu.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
