@@ -48,6 +48,13 @@ def test_an_impossible_plan_is_refused_naming_the_role():
         plan_placement([Demand("reward", 1, 0, 1)], (), [Node("c" * 16, "x", {"CPU": 4.0})])
 
 
+@pytest.mark.parametrize("role,key", [("candidate", "model"), ("baseline", "baseline"),
+                                      ("baseline_reward", "baseline.reward"), ("baseline_trainer", "model")])
+def test_every_role_run_can_start_is_named_by_its_config_key_when_refused(role, key):
+    with pytest.raises(PlacementError, match=rf"role {role} \({key}\.replicas=1 x {key}\.num_cpus=8"):
+        plan_placement([Demand(role, 1, 8, 0)], (), TWO_NODES)
+
+
 def test_a_role_the_workflow_does_not_run_is_left_out_of_its_group():
     plan = plan_placement([Demand("reward", 2, 0, 0)], (group("policy", "reward", strategy="SPREAD"),), TWO_NODES)
     assert [(s.role, s.node) for s in plan.slots] == [("reward", 0), ("reward", 1)]

@@ -22,7 +22,8 @@ from typing import Any
 
 # Where each role's resource keys live in the config.
 ROLE_KEYS = {"policy": "model", "draft": "draft.actor", "reward": "reward", "value": "value", "trainer": "value",
-             "sandbox": "sandbox"}
+             "sandbox": "sandbox", "candidate": "model", "baseline": "baseline", "baseline_reward": "baseline.reward",
+             "baseline_trainer": "model"}
 # Ray refuses an empty bundle; a bundle of actors that ask for nothing (the reward's default
 # num_cpus=0) reserves this sliver of a CPU instead.
 EMPTY_BUNDLE_CPU = 0.01
