@@ -22,7 +22,7 @@ from qsteer.results import ResultsError
 from qsteer.run import RunFolderBusy, run_job
 
 
-def print_summary(summary: dict[str, Any], out_dir: Path) -> None:
+def print_summary(summary: dict[str, Any], out_dir: Path | str) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -62,6 +62,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    where = cfg.get("output_dir") or out_dir  # where the results go: output_dir (a folder or URL) or Hydra's
     try:
         summary = run_job(cfg, out_dir)
     except (ConfigError, DatasetError, ModelNotFoundError, PlacementError, ResultsError, RunFolderBusy) as err:
@@ -71,15 +72,15 @@ def _hydra_main(cfg: DictConfig) -> None:
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (run.Stopped): the sweep stops too
         signum = getattr(stop, "signum", signal.SIGINT)
         print(f"qsteer: stopped by {signal.Signals(signum).name}; every finished record is in "
-              f"{out_dir / 'results.jsonl'}; rerun the same command to resume", file=sys.stderr)
+              f"{where}; rerun the same command to resume", file=sys.stderr)
         sys.exit(128 + signum)
     if summary.get("dry_run"):
         return  # the plan is printed; nothing ran
-    print_summary(summary, out_dir)
+    print_summary(summary, where)
     reasons = failed(summary)
     if reasons:
         print("qsteer: the run failed: " + "\n  ".join(reasons), file=sys.stderr)
-        print(f"qsteer: fix the cause and rerun into {out_dir} to redo what failed", file=sys.stderr)
+        print(f"qsteer: fix the cause and rerun into {where} to redo what failed", file=sys.stderr)
         _exit_codes.append(1)
 
 

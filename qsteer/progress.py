@@ -45,7 +45,7 @@ def role_counts(roles: dict[str, Any]) -> dict[str, Any]:
 class Progress:
     """The live numbers of one run; a context manager that starts and stops the refreshing thread."""
 
-    def __init__(self, path: Path | None, *, workflow: str, total: int, done: int, show: bool = True,
+    def __init__(self, path: Path | None, *, workflow: str, total: int | None, done: int, show: bool = True,
                  sinks: Iterable[Sink] = (), stream: IO[str] | None = None, refresh_s: float | None = None) -> None:
         self.path = path
         self.workflow = workflow
@@ -195,7 +195,8 @@ class _View:
 def line(snap: dict[str, Any]) -> str:
     """The snapshot on one line: `best_of_n running: 3/8 prompts, 0 errors, 1234 tokens (56.1/s); policy 4 calls ...`."""
     rate = "-" if snap["tokens_per_s"] is None else f"{snap['tokens_per_s']:.1f}"
-    head = (f"{snap['workflow']} {snap['state']}: {snap['prompts_done']}/{snap['prompts_total']} prompts, "
+    total = "?" if snap["prompts_total"] is None else snap["prompts_total"]  # a stream not counted first
+    head = (f"{snap['workflow']} {snap['state']}: {snap['prompts_done']}/{total} prompts, "
             f"{snap['record_errors']} errors")
     if snap["prompts_unfinished"]:
         head += f", {snap['prompts_unfinished']} unfinished"
@@ -215,8 +216,8 @@ def render(snap: dict[str, Any]) -> Any:
     rate = "-" if snap["tokens_per_s"] is None else f"{snap['tokens_per_s']:.1f}"
     head = Table.grid(padding=(0, 1))
     head.add_row(Text(f"qsteer {snap['workflow']}", style="bold"), Text(snap["state"]),
-                 ProgressBar(total=max(total, 1), completed=done, width=30),
-                 Text(f"{done}/{total} prompts"), Text(f"{snap['record_errors']} errors"),
+                 ProgressBar(total=None if total is None else max(total, 1), completed=done, width=30),
+                 Text(f"{done}/{'?' if total is None else total} prompts"), Text(f"{snap['record_errors']} errors"),
                  Text(f"{rate} tokens/s"), Text(f"{snap['elapsed_s']:.0f} s"))
     roles = Table(box=None, padding=(0, 2), show_edge=False)
     for column in ("role", "calls", "errors", "tokens"):

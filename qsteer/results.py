@@ -6,11 +6,14 @@ import json
 import math
 import os
 import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from qsteer.config import resource_keys
-from qsteer.metrics import mean_pass_at_k
+from qsteer.config import ConfigError, resource_keys
+from qsteer.metrics import pass_at_k
 from qsteer.metrics.inference_win_rate import summary_metrics as win_rate_metrics
 from qsteer.metrics.speculative import run_metrics
 
@@ -111,6 +114,9 @@ class ResultsFile:
     def read(self) -> list[dict[str, Any]]:
         return [row for _, row in self._lines()]
 
+    def close(self) -> None:
+        """Nothing to write: every record was fsynced as it was appended."""
+
     def _lines(self) -> list[tuple[str, dict[str, Any]]]:
         return _parse_lines(self.path, self.path.read_bytes()) if self.path.exists() else []
 
@@ -150,6 +156,166 @@ def _parse_lines(path: Path, data: bytes) -> list[tuple[str, dict[str, Any]]]:
 _DAMAGED = "the file was changed outside qsteer: repair or delete that line (its prompt then reruns)"
 
 
+class RunFolder:
+    """A run's folder: a local path, or any fsspec URL (`file://`, `memory://`, `s3://`, `gs://`, ...).
+
+    Files are written whole and atomically: on a local filesystem through a temp file and a rename
+    (`write_atomic`), on an object store by one put, which publishes the whole object or nothing.
+    """
+
+    def __init__(self, where: str | Path) -> None:
+        import fsspec
+
+        self.url = str(where)
+        try:
+            self.fs, root = fsspec.core.url_to_fs(self.url)
+        except (ImportError, ValueError) as err:  # an unknown protocol, or its package missing (s3fs, gcsfs)
+            raise ConfigError(f"output_dir={self.url}: fsspec cannot open it: {err}") from None
+        self.root = root.rstrip("/") or "/"
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
+        self.local: Path | None = Path(self.root) if "file" in protocols else None
+        """The folder as a local path when it is on this machine's filesystem (flock, appends), else None."""
+
+    def __str__(self) -> str:
+        return self.url
+
+    def path(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def make(self) -> None:
+        if self.local is not None:
+            self.local.mkdir(parents=True, exist_ok=True)
+        else:
+            self.fs.makedirs(self.root, exist_ok=True)
+
+    def read_text(self, name: str) -> str | None:
+        """The file's text, or None when there is none."""
+        try:
+            return self.fs.cat_file(self.path(name)).decode("utf-8")
+        except FileNotFoundError:
+            return None
+
+    def write_text(self, name: str, text: str) -> None:
+        if self.local is not None:
+            (self.local / name).parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.local / name, text)
+            return
+        parent = self.path(name).rpartition("/")[0]
+        self.fs.makedirs(parent, exist_ok=True)
+        self.fs.pipe_file(self.path(name), text.encode("utf-8"))
+
+    def names(self, folder: str) -> list[str]:
+        """The file names in a sub-folder, sorted; [] when it does not exist."""
+        try:
+            found = self.fs.ls(self.path(folder), detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(str(p).rstrip("/").rpartition("/")[2] for p in found)
+
+
+class ShardedResults:
+    """A run's records as shards, `results/part-00000.jsonl`, ..., for datasets of any size and for
+    output folders on object stores.
+
+    Why a second layout beside `results.jsonl`: an object store cannot append, and resuming from
+    one file means reading all of it. Here each shard is written once, whole (`shard_records`
+    finished records, or fewer once the oldest has waited `flush_s`, or what is left when the run
+    ends or stops), and never rewritten. Resuming reads the shards line by line and keeps only the
+    ids, so the driver's memory stays flat at any size. A record that ended in an error is not
+    done: a rerun redoes it and writes its new row to a later shard; `read` gives each id's last
+    row, so every id counts once. What a hard crash (SIGKILL, a lost node) loses is the unwritten
+    shard, at most `flush_s` of finished work, which a rerun redoes; Ctrl-C and SIGTERM write it.
+    The small shipped datasets keep `results.jsonl`, whose per-record fsync loses nothing and which
+    every tool reads; one layout for both would have made the small runs' files worse for nothing.
+    """
+
+    FOLDER = "results"
+
+    def __init__(self, folder: RunFolder, shard_records: int = 10_000, flush_s: float = 60.0) -> None:
+        self.folder = folder
+        self.shard_records = shard_records
+        self.flush_s = flush_s
+        self.done_ids: set[str] = set()
+        self.new_tokens = 0
+        self._errored: set[str] = set()
+        self._buffer: list[str] = []
+        self._oldest: float | None = None
+        parts = self._parts()
+        self._next = (int(parts[-1][len("part-"):-len(".jsonl")]) + 1) if parts else 0
+        for _, row in self._rows(parts):
+            self.done_ids.add(row["id"])
+            if row.get("error") is not None:
+                self._errored.add(row["id"])
+            else:
+                self._errored.discard(row["id"])  # its retry succeeded
+
+    @property
+    def errored_ids(self) -> set[str]:
+        return set(self._errored)
+
+    def drop_errors(self) -> int:
+        """Let this run redo the records whose last row is an error (their rows stay in their shards; a
+        redo's row comes later and `read` prefers it); how many there were."""
+        self.done_ids -= self._errored
+        dropped, self._errored = len(self._errored), set()
+        return dropped
+
+    def append(self, row: dict[str, Any]) -> None:
+        if row["id"] in self.done_ids:
+            return
+        self._buffer.append(dumps(row) + "\n")
+        self._oldest = self._oldest if self._oldest is not None else time.monotonic()
+        self.done_ids.add(row["id"])
+        self.new_tokens += int(row.get("stats", {}).get("generated_tokens", 0))
+        if len(self._buffer) >= self.shard_records or time.monotonic() - self._oldest >= self.flush_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered records as the next shard."""
+        if not self._buffer:
+            return
+        self.folder.write_text(f"{self.FOLDER}/part-{self._next:05d}.jsonl", "".join(self._buffer))
+        self._next += 1
+        self._buffer, self._oldest = [], None
+
+    close = flush
+
+    def read(self) -> Iterator[dict[str, Any]]:
+        """Every record once, the last row of each id, shard by shard: two passes over the shards, holding
+        only the ids whose last row so far is an error (with where that row is)."""
+        self.flush()
+        parts = self._parts()
+        last_error: dict[str, tuple[str, int]] = {}
+        for where, row in self._rows(parts):
+            if row.get("error") is not None:
+                last_error[row["id"]] = where
+            else:
+                last_error.pop(row["id"], None)
+        for where, row in self._rows(parts):
+            if row.get("error") is None or last_error.get(row["id"]) == where:
+                yield row
+
+    def _parts(self) -> list[str]:
+        """The shards' names in the order they were written (by number: names sort wrongly past 99999)."""
+        names = [n for n in self.folder.names(self.FOLDER) if n.startswith("part-") and n.endswith(".jsonl")
+                 and n[len("part-"):-len(".jsonl")].isdigit()]
+        return sorted(names, key=lambda n: int(n[len("part-"):-len(".jsonl")]))
+
+    def _rows(self, parts: list[str]) -> Iterator[tuple[tuple[str, int], dict[str, Any]]]:
+        for name in parts:
+            path = self.folder.path(f"{self.FOLDER}/{name}")
+            with self.folder.fs.open(path, "rb") as f:
+                for number, raw in enumerate(f, start=1):
+                    where = f"{self.folder.url.rstrip('/')}/{self.FOLDER}/{name}:{number}"
+                    try:
+                        row = json.loads(raw.decode("utf-8"))
+                    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                        raise ResultsError(f"{where}: not a JSON record ({err}); {_DAMAGED}") from None
+                    if not isinstance(row, dict) or "id" not in row:
+                        raise ResultsError(f"{where}: not a result record (no 'id'); {_DAMAGED}")
+                    yield (name, number), {**row, "id": str(row["id"])}
+
+
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     """A nested config as dotted keys: {'workflow.n': 4, ...}."""
     if isinstance(tree, dict):
@@ -178,14 +344,15 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 FIRST_ERRORS = 5  # record errors quoted in the summary; results.jsonl has them all
 
 
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
-def summarize(workflow: str, rows: list[dict[str, Any]], *, wall_s: float, new_tokens: int,
+def summarize(workflow: str, rows: Iterable[dict[str, Any]], *, wall_s: float, new_tokens: int,
               startup_s: float | None = None, generation_s: float | None = None, pass_fail: bool = False,
               unfinished: list[str] | None = None, policy_replica_calls: list[int] | None = None) -> dict[str, Any]:
-    """The run's summary over all its records.
+    """The run's summary over all its records, in one pass with running sums.
+
+    `rows` is a list, or an iterator over a sharded run's records (`ShardedResults.read`), which is
+    never held whole: the contract's keys are running sums, pass@k counts (n, c) pairs, and the
+    workflow-specific metrics (speculative acceptance, code pass@k, win rate and KL) see only the
+    records that carry their fields, cut down to those fields (none, for a scoring run).
 
     With a pass/fail reward (`pass_fail`), a record or candidate that errored (no reward: a
     scorer crash, a prompt over the context) is a failure: it counts 0 in the means and in
@@ -196,42 +363,60 @@ def summarize(workflow: str, rows: list[dict[str, Any]], *, wall_s: float, new_t
     starting Ray and loading models (`startup_s`, reported apart) does not dilute it.
     """
     failure = 0.0 if pass_fail else None
-    rewards = [r["reward"] if r.get("reward") is not None else failure for r in rows]
-    rewards = [v for v in rewards if v is not None]
-    candidate_rewards = [c["reward"] if c.get("reward") is not None else failure
-                         for r in rows for c in r.get("candidates", [])]
-    candidate_rewards = [v for v in candidate_rewards if v is not None]
+    prompts = errors_count = generated = prompt_tokens = 0
+    rewards = _Running()
+    candidate_rewards = _Running()
+    pass_counts: Counter[tuple[int, int]] = Counter()  # (candidates, passed) -> records; 0 candidates: erred early
+    errors: list[str] = []
+    specific: list[dict[str, Any]] = []  # the records the workflow-specific metrics read, cut to their fields
+    for r in rows:
+        prompts += 1
+        rewards.add(r["reward"] if r.get("reward") is not None else failure)
+        for c in r.get("candidates", []):
+            candidate_rewards.add(c["reward"] if c.get("reward") is not None else failure)
+        stats = r.get("stats", {})
+        prompt_tokens += int(stats.get("prompt_tokens", 0))
+        generated += int(stats.get("generated_tokens", 0))
+        if r.get("error") is not None:
+            errors_count += 1
+            if len(errors) < FIRST_ERRORS:
+                errors.append(f"{r['id']}: {r['error']}")
+        if pass_fail:
+            pass_counts[(len(r.get("candidates", [])), sum(c.get("reward") == 1.0 for c in r.get("candidates", [])))] += 1
+        if not isinstance(rows, list) and (fields := _specific_fields(r)):
+            specific.append(fields)
     metrics: dict[str, Any] = {
-        "mean_candidate_reward": _mean(candidate_rewards),
-        "max_reward": max(rewards) if rewards else None,
-        "min_reward": min(rewards) if rewards else None,
-        "scored_prompts": len(rewards),
+        "mean_candidate_reward": candidate_rewards.mean(),
+        "max_reward": rewards.max,
+        "min_reward": rewards.min,
+        "scored_prompts": rewards.count,
         "new_generated_tokens": new_tokens,
-        "prompt_tokens": sum(int(r.get("stats", {}).get("prompt_tokens", 0)) for r in rows),
+        "prompt_tokens": prompt_tokens,
     }
-    if pass_fail and rows:
+    if pass_fail and prompts:
         # A record with no candidates (it erred before generating) failed all of its samples.
-        samples = max((len(r.get("candidates", [])) for r in rows), default=0) or 1
-        counts = [(len(r["candidates"]) or samples, sum(c.get("reward") == 1.0 for c in r["candidates"]))
-                  for r in rows]
+        samples = max(n for n, _ in pass_counts) or 1
+        counts = Counter()
+        for (n, c), records in pass_counts.items():
+            counts[(n or samples, c)] += records
         for k in sorted({1, min(n for n, _ in counts)}):
-            metrics[f"pass@{k}"] = mean_pass_at_k(counts, k)
-    metrics.update(run_metrics(rows))
-    metrics.update(code_metrics(rows))
-    metrics.update(win_rate_metrics(rows))
-    errors = [f"{r['id']}: {r['error']}" for r in rows if r.get("error") is not None]
+            metrics[f"pass@{k}"] = sum(pass_at_k(n, c, k) * m for (n, c), m in counts.items()) / prompts
+    if isinstance(rows, list):
+        specific = rows
+    metrics.update(run_metrics(specific))
+    metrics.update(code_metrics(specific))
+    metrics.update(win_rate_metrics(specific))
     if errors:
-        metrics["first_errors"] = errors[:FIRST_ERRORS]
+        metrics["first_errors"] = errors
     if unfinished:
         metrics["unfinished"] = unfinished
     if policy_replica_calls:
         metrics["policy_replica_calls"] = policy_replica_calls
-    generated = sum(int(r.get("stats", {}).get("generated_tokens", 0)) for r in rows)
     return {
         "workflow": workflow,
-        "num_prompts": len(rows),
-        "num_errors": sum(r.get("error") is not None for r in rows),
-        "mean_reward": _mean(rewards),
+        "num_prompts": prompts,
+        "num_errors": errors_count,
+        "mean_reward": rewards.mean(),
         "generated_tokens": generated,
         "wall_s": round(wall_s, 3),
         "startup_s": None if startup_s is None else round(startup_s, 3),
@@ -239,6 +424,46 @@ def summarize(workflow: str, rows: list[dict[str, Any]], *, wall_s: float, new_t
         "tokens_per_s": round(new_tokens / generation_s, 2) if generation_s else None,
         "metrics": metrics,
     }
+
+
+class _Running:
+    """Count, sum, max and min of the values added, None skipped."""
+
+    def __init__(self) -> None:
+        self.count, self.total = 0, 0.0
+        self.max: float | None = None
+        self.min: float | None = None
+
+    def add(self, value: float | None) -> None:
+        if value is None:
+            return
+        self.count += 1
+        self.total += value
+        self.max = value if self.max is None else max(self.max, value)
+        self.min = value if self.min is None else min(self.min, value)
+
+    def mean(self) -> float | None:
+        return self.total / self.count if self.count else None
+
+
+_SPECIFIC_STATS = ("spec", "spec_wall_s", "plain_wall_s", "plain_generated_tokens")
+_SPECIFIC_KEYS = ("identical_to_plain", "win_rate", "win_rates", "calibrated", "reference_calibrated", "kl")
+
+
+def _specific_fields(row: dict[str, Any]) -> dict[str, Any] | None:
+    """The fields of `row` that run_metrics, code_metrics and win_rate_metrics read, or None when it has
+    none of the fields that make it count there (a scoring or Best-of-N record)."""
+    stats = row.get("stats") or {}
+    candidates = row.get("candidates") or []
+    judged = bool(candidates) and "passed_public" in candidates[0]
+    if not (judged or any(k in stats for k in _SPECIFIC_STATS) or any(k in row for k in _SPECIFIC_KEYS)):
+        return None
+    out: dict[str, Any] = {k: row[k] for k in _SPECIFIC_KEYS if k in row}
+    out["stats"] = {k: stats[k] for k in (*_SPECIFIC_STATS, "generated_tokens", "sandbox_faults") if k in stats}
+    if judged:
+        out["reward"] = row.get("reward")
+        out["candidates"] = [{"passed": c.get("passed"), "passed_public": c.get("passed_public")} for c in candidates]
+    return out
 
 
 def code_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -5,6 +5,10 @@ starts) Ray, builds the role groups the workflow needs, runs the workflow over b
 and appends each finished record; ends with `summary.json`. Meanwhile `progress.json` and the live
 view (`progress.py`), and on Ray its metrics (`cluster/metrics.py`), say how far it is. Tests hand
 it in-process role groups instead, and it then runs without Ray.
+
+`dataset=files` streams its records through Ray Data (`streaming.py`) and, like an output folder
+given as an fsspec URL (`output_dir`), writes the sharded layout (`results.ShardedResults`): at
+most a few batches of records are in the driver at a time, and the summary is a running one.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +46,9 @@ from qsteer.data import DatasetError, load_dataset
 from qsteer.engines import SamplingParams
 from qsteer.models import ModelNotFoundError, resolve_model_path
 from qsteer.progress import Progress, role_counts
-from qsteer.results import ResultsFile, config_changes, dumps, summarize, write_atomic
+from qsteer.results import ResultsFile, RunFolder, ShardedResults, config_changes, dumps, summarize
 from qsteer.rewards import REQUIRED_COLUMNS, is_pass_fail
+from qsteer.streaming import FileRecords
 from qsteer.training.value import new_folder
 from qsteer.workflows import WORKFLOWS, Context, Workflow
 from qsteer.workflows.code_search import StageStore
@@ -56,30 +62,57 @@ def run_job(cfg: DictConfig, out_dir: str | Path, roles: dict[str, Any] | None =
     """
     started = time.perf_counter()
     job = check_config(cfg)
-    records = load_dataset(cfg.dataset.name, path=cfg.dataset.path, limit=cfg.dataset.limit)
-    check_job(cfg, records)
+    records: list[dict] | FileRecords
+    if cfg.dataset.name == "files":  # listed now (a wrong path fails here), read once Ray is up
+        d = cfg.dataset
+        records = FileRecords(d.path, d.format, d.limit, check=record_problem(cfg))
+        check_job(cfg, None)
+    else:
+        records = load_dataset(cfg.dataset.name, path=cfg.dataset.path, limit=cfg.dataset.limit)
+        check_job(cfg, records)
     if job.cluster.dry_run:
         return dry_run(cfg, job.cluster.placement)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with lock_run_folder(out_dir):
-        return _run_in(out_dir, cfg, records, roles, started, job.cluster.placement)
+    folder = RunFolder(cfg.get("output_dir") or out_dir)
+    folder.make()
+    # a URL output's stage files and trained models stay in the local run folder (Hydra's), when there is one
+    local = folder.local or (None if "://" in str(out_dir) else Path(out_dir))
+    if local is not None:
+        local.mkdir(parents=True, exist_ok=True)
+    with lock_run_folder(local) if local is not None else nullcontext():
+        return _run_in(folder, cfg, records, roles, started, job.cluster.placement, local)
 
 
-def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str, Any] | None,
-            started: float, placement: tuple = ()) -> dict[str, Any]:
-    results = ResultsFile(out_dir / "results.jsonl")
+def sharded_layout(cfg: DictConfig) -> bool:
+    """Whether the run writes `results/part-NNNNN.jsonl` (dataset=files, or an fsspec URL output) rather
+    than `results.jsonl` (`results.ShardedResults` says why there are two)."""
+    return cfg.dataset.name == "files" or "://" in str(cfg.get("output_dir") or "")
+
+
+def _run_in(folder: RunFolder | Path, cfg: DictConfig, records: list[dict] | FileRecords,
+            roles: dict[str, Any] | None, started: float, placement: tuple = (),
+            work_dir: Path | None = None) -> dict[str, Any]:
+    if not isinstance(folder, RunFolder):
+        folder, work_dir = RunFolder(folder), Path(folder)
+    out_dir = work_dir  # stage files and trained models: a local folder, or none
+    if sharded_layout(cfg) or folder.local is None:
+        results = ShardedResults(folder, cfg.get("shard_records", 10_000), cfg.get("shard_flush_s", 60.0))
+    else:
+        results = ResultsFile(folder.local / "results.jsonl")
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    if results.done_ids and (out_dir / "config.yaml").exists():
-        changes = config_changes(yaml.safe_load((out_dir / "config.yaml").read_text()), resolved)
+    old_config = folder.read_text("config.yaml")
+    if results.done_ids and old_config is not None:
+        changes = config_changes(yaml.safe_load(old_config), resolved)
         if changes:
             raise ConfigError(
-                f"{out_dir} holds results of a different config, so resuming would mix them "
+                f"{folder} holds results of a different config, so resuming would mix them "
                 f"({'; '.join(changes)}); choose another hydra.run.dir"
             )
-    write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    folder.write_text("config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     retried = results.drop_errors()  # a record that ended in an error is redone, never kept beside its redo
-    todo = [r for r in records if r["id"] not in results.done_ids]
+    streamed = isinstance(records, FileRecords)
+    todo: Iterable[dict] = [] if streamed else [r for r in records if r["id"] not in results.done_ids]
+    total: int | None = None if streamed else len(records)
+    done = 0 if streamed else len(records) - len(todo)
     workflow = WORKFLOWS[cfg.workflow.name]
     needed = needed_roles(cfg)
     draft = speculative_config(cfg)
@@ -91,8 +124,9 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
     reservation = Reservation()
     failures: list[str] = []
     replica_calls: list[int] = []
-    progress = Progress(out_dir / "progress.json", workflow=cfg.workflow.name, total=len(records),
-                        done=len(records) - len(todo), show=bool(cfg.progress)).start()
+    # progress.json is rewritten every second: it stays in the local run folder (none for a bare URL)
+    progress = Progress(None if out_dir is None else out_dir / "progress.json", workflow=cfg.workflow.name,
+                        total=total, done=done, show=bool(cfg.progress)).start()
     ended = "failed"
     restarted = 0
     ignored: dict[int, Any] = {}
@@ -100,7 +134,7 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
         if own_roles:
             roles = {}
             local = not joins_cluster(cfg.cluster.address)
-            if todo and local:
+            if (todo or streamed) and local:
                 check_local_resources(cfg, needed, draft)
             if local:
                 # Convert the default model once here, not in every replica, and fail before Ray starts.
@@ -110,10 +144,21 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
                     resolve_model_path(cfg.baseline.path)
             started_ray = connect(cfg.cluster)
             previous = _stop_on_sigterm()  # after ray.init, whose own handler would exit at once
-            metrics = ray_metrics(cfg.workflow.name, out_dir)
+            metrics = ray_metrics(cfg.workflow.name, str(folder))
             if metrics is not None:
                 progress.sinks.append(metrics)
-            if todo:
+        elif streamed:
+            started_ray = connect(cfg.cluster)  # Ray Data reads on Ray, even when the roles are in-process
+        if streamed:
+            if cfg.dataset.check_first:  # every record checked before any actor starts, in one streaming pass
+                total, remaining = records.scan(results.done_ids)
+                done = total - remaining
+                progress.total, progress.resumed = total, done
+            if total is None or done < total:  # the live set: ids written meanwhile are skipped too
+                todo = records.records(skip=results.done_ids)
+        has_work = (total is None or done < total) if streamed else bool(todo)
+        if own_roles:
+            if has_work:
                 # refuse a plan the cluster cannot hold before any actor starts: Ray would wait forever
                 plan = plan_placement(demands(cfg, needed, draft, has_gpu()), placement, ray_nodes())
                 warm = warm_groups(cfg, placement) if cfg.cluster.warm else None
@@ -145,24 +190,27 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
         stopped, ended = err, "stopped"
         ignored = _ignore_signals()  # a second Ctrl-C must not cut the cleanup short and orphan Ray's processes
     finally:
-        progress.close(ended)  # before Ray goes: the last snapshot reaches its metrics too
-        if own_roles:
-            for group in (roles or {}).values():
-                group.shutdown()
-            if reservation.groups:
-                reservation.shutdown()
-        if started_ray and not (cfg.cluster.warm and stopped is None):
-            # a warm local Ray stays up for the next run in this process (a -m sweep's next point) and
-            # ends with the process
-            import ray
+        try:
+            results.close()  # the sharded layout's open shard: what finished before a stop is kept
+        finally:
+            progress.close(ended)  # before Ray goes: the last snapshot reaches its metrics too
+            if own_roles:
+                for group in (roles or {}).values():
+                    group.shutdown()
+                if reservation.groups:
+                    reservation.shutdown()
+            if started_ray and not (cfg.cluster.warm and stopped is None):
+                # a warm local Ray stays up for the next run in this process (a -m sweep's next point) and
+                # ends with the process
+                import ray
 
-            ray.shutdown()
-        # Restored, not left ignored: a process that calls run_job again (a test, a notebook) would
-        # otherwise ignore Ctrl-C from then on, and so would every child it starts (SIG_IGN is inherited).
-        for signum, handler in ignored.items():
-            signal.signal(signum, handler)
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+                ray.shutdown()
+            # Restored, not left ignored: a process that calls run_job again (a test, a notebook) would
+            # otherwise ignore Ctrl-C from then on, and so would every child it starts (SIG_IGN is inherited).
+            for signum, handler in ignored.items():
+                signal.signal(signum, handler)
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     summary = summarize(
         cfg.workflow.name, results.read(), wall_s=time.perf_counter() - started, new_tokens=results.new_tokens,
@@ -184,7 +232,7 @@ def _run_in(out_dir: Path, cfg: DictConfig, records: list[dict], roles: dict[str
         summary["metrics"]["generation_cache"] = cache_counts
     if stopped is not None:
         summary["metrics"]["stopped_by"] = signal.Signals(getattr(stopped, "signum", signal.SIGINT)).name
-    write_atomic(out_dir / "summary.json", dumps(summary, indent=2) + "\n")
+    folder.write_text("summary.json", dumps(summary, indent=2) + "\n")
     if stopped is not None:
         raise stopped
     return summary
@@ -258,15 +306,22 @@ def replica_counts(before: list[dict[str, Any]], after: list[dict[str, Any]]) ->
     return calls, restarted
 
 
-def check_job(cfg: DictConfig, records: list[dict]) -> None:
-    """Checks that need the dataset or an engine's signature, still before Ray or any model starts."""
+def check_job(cfg: DictConfig, records: list[dict] | None) -> None:
+    """Checks that need the dataset or an engine's signature, still before Ray or any model starts.
+
+    `records` None: a streamed dataset, whose records `record_problem` checks as they are read."""
+    workflow = WORKFLOWS[cfg.workflow.name]
+    if sharded_layout(cfg) and (workflow.finish is not None or workflow.whole_dataset):
+        why = "dataset=files" if cfg.dataset.name == "files" else f"output_dir={cfg.output_dir}"
+        raise ConfigError(f"workflow={cfg.workflow.name} trains on all records at once, which a streamed, sharded "
+                          f"run ({why}) does not hold; use a JSONL dataset (dataset=jsonl) and a local output folder")
     source = cfg.dataset.path or f"dataset={cfg.dataset.name}"
-    if cfg.workflow.name == "score":
+    if cfg.workflow.name == "score" and records is not None:
         missing = [r["id"] for r in records if not isinstance(r.get("completion"), str)]
         if missing:
             raise DatasetError(f"{source}: workflow=score scores given completions, but {len(missing)} record(s) "
                                f"have no string 'completion' (first: {missing[0]!r})")
-    for alternatives in REQUIRED_COLUMNS.get(cfg.reward.name, ()) if not cfg.reward.target else ():
+    for alternatives in REQUIRED_COLUMNS.get(cfg.reward.name, ()) if not cfg.reward.target and records else ():
         missing = [r["id"] for r in records if not any(r.get(name) is not None for name in alternatives)]
         if missing:
             raise DatasetError(f"{source}: reward={cfg.reward.name} needs {' or '.join(map(repr, alternatives))} "
@@ -313,6 +368,23 @@ def check_job(cfg: DictConfig, records: list[dict]) -> None:
             raise ConfigError(f"model.engine_kwargs has {', '.join(unknown)}, which the hf engine does not take "
                               f"(it takes: {', '.join(sorted(accepted)) or 'none'}); engine_kwargs are for "
                               "model.engine=vllm, whose vllm.LLM arguments they are")
+
+
+def record_problem(cfg: DictConfig) -> Any:
+    """What a streamed record lacks for this job (check_job's record checks, one record at a time): a
+    function of the record returning the problem, or None."""
+    score = cfg.workflow.name == "score"
+    columns = REQUIRED_COLUMNS.get(cfg.reward.name, ()) if not cfg.reward.target else ()
+
+    def problem(record: dict) -> str | None:
+        if score and not isinstance(record.get("completion"), str):
+            return "workflow=score scores given completions, but this record has no string 'completion'"
+        for alternatives in columns:
+            if not any(record.get(name) is not None for name in alternatives):
+                return f"reward={cfg.reward.name} needs {' or '.join(map(repr, alternatives))} in every record"
+        return None
+
+    return problem
 
 
 def needs_value(cfg: DictConfig) -> bool:
@@ -446,7 +518,7 @@ def calibrated_reward(cfg: DictConfig, base: Any, reference: Any, params: Sampli
                                  t=r.resolved_t(), chat=chat, cache=cache)
 
 
-def ray_metrics(workflow: str, out_dir: Path) -> Any:
+def ray_metrics(workflow: str, out_dir: Path | str) -> Any:
     """The progress sink that records Ray metrics; none (and a line saying why) where Ray cannot take them."""
     from qsteer.cluster.metrics import RayMetrics
 
@@ -457,18 +529,27 @@ def ray_metrics(workflow: str, out_dir: Path) -> Any:
         return None
 
 
-def run_batches(workflow: Workflow, todo: list[dict], ctx: Context, results: ResultsFile, cfg: DictConfig,
-                progress: Progress) -> list[str]:
-    """Run the workflow over batches, appending records as each batch finishes; the failed batches."""
+def run_batches(workflow: Workflow, todo: Iterable[dict], ctx: Context, results: ResultsFile | ShardedResults,
+                cfg: DictConfig, progress: Progress) -> list[str]:
+    """Run the workflow over batches, appending records as each batch finishes; the failed batches.
+
+    `todo` may be a list or a stream (dataset=files): batches are cut from it as replicas free up,
+    at most two per replica waiting, so the driver holds a few batches, never the dataset."""
     size = max(1, len(todo)) if workflow.whole_dataset else cfg.batch_size
-    batches = [todo[i : i + size] for i in range(0, len(todo), size)]
+    batches = batched(todo, size)
     failures: list[str] = []
     loop = ctx.policy if ctx.policy is not None else ctx.baseline
-    lanes = len(loop) if loop is not None else len(ctx.reward) if ctx.reward is not None else 1
+    lanes = max(1, len(loop) if loop is not None else len(ctx.reward) if ctx.reward is not None else 1)
     # One thread per replica keeps every replica busy; records are written as batches finish.
-    pool = ThreadPoolExecutor(max_workers=max(1, lanes))
+    pool = ThreadPoolExecutor(max_workers=lanes)
+    pending: dict[Any, list[dict]] = {}
+
+    def submit() -> None:
+        while len(pending) < 2 * lanes and (batch := next(batches, None)) is not None:
+            pending[pool.submit(workflow.run, batch, ctx)] = batch
+
     try:
-        pending = {pool.submit(workflow.run, batch, ctx): batch for batch in batches}
+        submit()
         while pending:
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in finished:
@@ -482,11 +563,19 @@ def run_batches(workflow: Workflow, todo: list[dict], ctx: Context, results: Res
                 except Exception as err:  # a dead actor or similar: left for a rerun to retry
                     failures.append(f"{[r['id'] for r in batch]}: {type(err).__name__}: {err}")
                     progress.advance(failed=len(batch) - written)
+            submit()
     finally:
         # On a stop, batches not started are dropped and running ones are not waited for: their
         # calls end when the caller shuts the role groups down, and a rerun redoes them.
         pool.shutdown(wait=False, cancel_futures=True)
     return failures
+
+
+def batched(records: Iterable[dict], size: int) -> Iterator[list[dict]]:
+    """Lists of `size` records (the last one shorter), cut lazily from a list or a stream."""
+    it = iter(records)
+    while batch := list(islice(it, size)):
+        yield batch
 
 
 def check_local_resources(cfg: DictConfig, roles: tuple[str, ...], draft: dict | None) -> None:

@@ -35,6 +35,7 @@ from qsteer.config import (
 )
 from qsteer.config.base import build, defaults, field_docs, type_hints
 from qsteer.config.draft import DraftActorConfig, ModelDraftGroup
+from qsteer.config.groups import DATASET_CONFIGS
 from qsteer.config.help import composed, help_text, markdown, option_doc, options, print_help, readme_table
 from qsteer.config.job import CONF_DIR, group_class
 from qsteer.results import config_changes, flatten
@@ -46,8 +47,8 @@ SHARED_DRAFT_CLASS = len(set(DRAFT_CONFIGS.values())) == 1
 # what an option needs from the command (`???` in its YAML, or refused when left null)
 REQUIRED = {("reward", "callable"): {"target": "qsteer.rewards:build_reward"},
             ("reward", "model"): {"kwargs.model_path": "reward-model-folder"},
-            ("dataset", "jsonl"): {"path": "prompts.jsonl"}}
-UNSET = {("reward", "model"): {"kwargs.model_path"}, ("dataset", "jsonl"): {"path"}}
+            ("dataset", "jsonl"): {"path": "prompts.jsonl"}, ("dataset", "files"): {"path": "prompts/"}}
+UNSET = {("reward", "model"): {"kwargs.model_path"}, ("dataset", "jsonl"): {"path"}, ("dataset", "files"): {"path"}}
 OPTIONS = [(group, option) for group in GROUPS for option in options(group)]
 
 
@@ -135,6 +136,8 @@ def test_choices_are_the_registries():
     assert set(WORKFLOW_CONFIGS) == set(WORKFLOWS) == set(options("workflow"))
     assert set(DRAFT_GROUPS) == set(DRAFT_CONFIGS) == set(options("draft"))
     assert choices(DatasetConfig, "name") == set(DATASETS)
+    # dataset=files is no loader of qsteer.data: Ray Data reads it (qsteer/streaming.py)
+    assert set(DATASET_CONFIGS) == set(DATASETS) | {"files"} == set(options("dataset"))
     assert choices(RewardConfig, "name") == set(BUILTIN_REWARDS) | {"callable"}
     assert choices(WORKFLOW_CONFIGS["best_of_n"], "aggregate") == set(AGGREGATES)
     speculative = typing.get_args(type_hints(GenerationConfig)["speculative"])

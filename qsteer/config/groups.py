@@ -217,6 +217,39 @@ class DatasetConfig(Config):
             raise Invalid("path", "is required by dataset=jsonl (add `dataset.path=FILE.jsonl` to the command)")
 
 
+@dataclass(frozen=True)
+class FilesDatasetConfig(DatasetConfig):
+    """Sharded JSONL or Parquet files of any size, streamed through Ray Data: the driver never holds the
+    dataset, and the run writes sharded results (`results/part-NNNNN.jsonl`, see `shard_records`)."""
+
+    name: Literal["files"] = "files"
+    """`files`: the JSONL or Parquet files at `path`, read by Ray Data's workers."""
+    path: str | None = None
+    """Required: a file, a folder (every `.jsonl`, `.json` and `.parquet` file below it) or a glob
+    (`data/part-*.parquet`); a local path or an fsspec URL (`s3://bucket/prompts/`). On a cluster
+    of several nodes the files must be readable from every node (shared storage or a URL).
+    Every record needs its own `id`, unique over all the files."""
+    format: Literal["auto", "jsonl", "parquet"] = "auto"
+    """`auto`: from the files' extensions (one format per dataset); `jsonl`: one JSON object per line
+    (each field one JSON type throughout, as Arrow reads it); `parquet`."""
+    check_first: bool = resource(True)
+    """Read the whole dataset once before any actor starts, so a bad or duplicate record stops the
+    run with its file and line before a model loads (a streaming pass: memory stays flat); false
+    starts at once, stops at a bad record when it reaches it (keeping what finished), and skips a
+    repeated id's later records."""
+
+    def check(self) -> None:
+        if not self.path:
+            raise Invalid("path", "is required by dataset=files (add `dataset.path=FILES` to the command: a file, "
+                          "a folder or a glob of JSONL or Parquet files)")
+
+
+DATASET_CONFIGS: dict[str, type[DatasetConfig]] = {
+    **{name: DatasetConfig for name in ("sentiment", "humaneval", "basic_code", "jsonl")},
+    "files": FilesDatasetConfig,
+}
+
+
 Role = Literal["policy", "draft", "reward"]  # the roles with actors of their own (model, draft.actor, reward)
 
 

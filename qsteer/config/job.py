@@ -29,6 +29,7 @@ from qsteer.config.base import (
 )
 from qsteer.config.draft import DRAFT_GROUPS, decoding_fields
 from qsteer.config.groups import (
+    DATASET_CONFIGS,
     REWARD_CONFIGS,
     BaselineConfig,
     ClusterConfig,
@@ -79,6 +80,16 @@ class JobConfig(Config):
     """A folder of completions keyed by model, prompt tokens, sampling parameters, seed, prompt id and
     sample index (`qsteer/cache.py`): a rerun with a new reward generates nothing, a larger
     `workflow.n` only the new samples. Shareable between runs; null: off."""
+    output_dir: str | None = resource(None)
+    """Where the run's files go: null: the Hydra run folder (`hydra.run.dir`); or a folder or an fsspec
+    URL (`file:///shared/run`, `s3://bucket/run`, `gs://...`, `memory://run`; the URL's filesystem
+    package, e.g. s3fs, must be installed). A URL output writes the sharded layout
+    (`results/part-NNNNN.jsonl`); a plain folder does too with dataset=files."""
+    shard_records: Annotated[int, Range(1)] = resource(10_000)
+    """Sharded layout: records per results shard. A shard is written once, whole, and never rewritten."""
+    shard_flush_s: Annotated[float, Range(0)] = resource(60.0)
+    """Sharded layout: also write the open shard when its oldest record has waited this long (checked as
+    batches finish), so a crash loses at most about this much finished work."""
 
     def check(self) -> None:
         if getattr(self.workflow, "mode", None) == "tokenwise" and self.model.engine != "hf":
@@ -95,7 +106,8 @@ GROUPS = ("workflow", "model", "draft", "value", "reward", "sandbox", "baseline"
 def group_class(group: str, node: Any) -> type:
     """The dataclass of a group's node: the workflow's by `name`, the draft's by `kind`."""
     registry, selector = {"workflow": (WORKFLOW_CONFIGS, "name"), "draft": (DRAFT_GROUPS, "kind"),
-                          "reward": (REWARD_CONFIGS, "name")}.get(group, (None, None))
+                          "reward": (REWARD_CONFIGS, "name"),
+                          "dataset": (DATASET_CONFIGS, "name")}.get(group, (None, None))
     if registry is None:
         return type_hints(JobConfig)[group]
     choice = node.get(selector) if isinstance(node, dict) else None
