@@ -346,7 +346,8 @@ FIRST_ERRORS = 5  # record errors quoted in the summary; results.jsonl has them 
 
 def summarize(workflow: str, rows: Iterable[dict[str, Any]], *, wall_s: float, new_tokens: int,
               startup_s: float | None = None, generation_s: float | None = None, pass_fail: bool = False,
-              unfinished: list[str] | None = None, policy_replica_calls: list[int] | None = None) -> dict[str, Any]:
+              unfinished: list[str] | None = None, policy_replica_calls: list[int] | None = None,
+              vendi: bool = False) -> dict[str, Any]:
     """The run's summary over all its records, in one pass with running sums.
 
     `rows` is a list, or an iterator over a sharded run's records (`ShardedResults.read`), which is
@@ -358,6 +359,9 @@ def summarize(workflow: str, rows: Iterable[dict[str, Any]], *, wall_s: float, n
     scorer crash, a prompt over the context) is a failure: it counts 0 in the means and in
     pass@k, so an error can never raise the pass rate. Other rewards have no failing value, so
     their means cover the records that were scored (`scored_prompts` says how many).
+
+    With `vendi` (the code workflows' `workflow.vendi`), the code records' summary adds the mean
+    per-problem Vendi score of their candidates (`code_metrics`).
 
     `tokens_per_s` is this run's new tokens over the time its batches ran (`generation_s`), so
     starting Ray and loading models (`startup_s`, reported apart) does not dilute it.
@@ -404,7 +408,7 @@ def summarize(workflow: str, rows: Iterable[dict[str, Any]], *, wall_s: float, n
     if isinstance(rows, list):
         specific = rows
     metrics.update(run_metrics(specific))
-    metrics.update(code_metrics(specific))
+    metrics.update(code_metrics(specific, vendi=vendi))
     metrics.update(win_rate_metrics(specific))
     if errors:
         metrics["first_errors"] = errors
@@ -447,7 +451,8 @@ class _Running:
 
 
 _SPECIFIC_STATS = ("spec", "spec_wall_s", "plain_wall_s", "plain_generated_tokens")
-_SPECIFIC_KEYS = ("identical_to_plain", "win_rate", "win_rates", "calibrated", "reference_calibrated", "kl")
+_SPECIFIC_KEYS = ("identical_to_plain", "win_rate", "win_rates", "calibrated", "reference_calibrated", "kl",
+                  "idea_similarity")
 
 
 def _specific_fields(row: dict[str, Any]) -> dict[str, Any] | None:
@@ -462,25 +467,43 @@ def _specific_fields(row: dict[str, Any]) -> dict[str, Any] | None:
     out["stats"] = {k: stats[k] for k in (*_SPECIFIC_STATS, "generated_tokens", "sandbox_faults") if k in stats}
     if judged:
         out["reward"] = row.get("reward")
-        out["candidates"] = [{"passed": c.get("passed"), "passed_public": c.get("passed_public")} for c in candidates]
+        # the text too: metrics.vendi embeds the programs
+        out["candidates"] = [{"passed": c.get("passed"), "passed_public": c.get("passed_public"), "text": c.get("text")}
+                             for c in candidates]
     return out
 
 
-def code_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """pass@k for k = 1..n, plain and public-filtered, for records of the code workflows.
+def code_metrics(rows: list[dict[str, Any]], vendi: bool = False) -> dict[str, Any]:
+    """pass@k for k = 1..n, plain and public-filtered, and diversity, for records of the code workflows.
 
     n is the fewest candidates of any record (the estimator needs n >= k); a record's
     candidates carry `passed` (hidden tests) and `passed_public` (the statement's examples).
+    Diversity: `idea_diversity` (1 - the mean of the records' judged `idea_similarity`, when the
+    workflow judged ideas) and, with `vendi`, the mean Vendi score of each record's candidate
+    programs (their code blocks; records with one candidate are left out).
     """
     from qsteer.metrics.code_pass import code_counts, pass_at_k_curve, public_filtered_pass_at_k_curve
+    from qsteer.metrics.idea_diversity import idea_diversity
+    from qsteer.rewards.code_tests import extract_code
 
     judged = [r["candidates"] for r in rows if r.get("candidates") and "passed_public" in r["candidates"][0]]
     if not judged:
         return {}
     counts = [code_counts([c["passed"] for c in cands], [c["passed_public"] for c in cands]) for cands in judged]
-    return {
+    out: dict[str, Any] = {
         "pass_at_k": [round(v, 4) for v in pass_at_k_curve(counts)],
         "pass_at_k_public_filtered": [round(v, 4) for v in public_filtered_pass_at_k_curve(counts)],
         "selected_pass_rate": round(sum(bool(r.get("reward")) for r in rows if r.get("candidates")) / len(judged), 4),
         "sandbox_faults": sum(int(r.get("stats", {}).get("sandbox_faults", 0)) for r in rows),
     }
+    if vendi:
+        from qsteer.metrics.vendi import mean_vendi_score
+
+        score = mean_vendi_score([[extract_code(c.get("text") or "") for c in cands] for cands in judged])
+        out["vendi"] = None if score is None else round(score, 4)
+    similarities = [r["idea_similarity"] for r in rows if r.get("idea_similarity")]
+    if similarities:
+        diversity = idea_diversity([s["similarity"] for s in similarities])
+        out["idea_diversity"] = None if diversity is None else round(diversity, 4)
+        out["idea_judge"] = {key: sum(s[key] for s in similarities) for key in ("pairs", "same", "unclear")}
+    return out

@@ -217,7 +217,7 @@ def _run_in(folder: RunFolder | Path, cfg: DictConfig, records: list[dict] | Fil
         startup_s=None if ready is None else ready - started,
         generation_s=None if finished is None else finished - ready,
         pass_fail=is_pass_fail(cfg.reward.name, cfg.reward.target), unfinished=failures,
-        policy_replica_calls=replica_calls,
+        policy_replica_calls=replica_calls, vendi=bool(cfg.workflow.get("vendi", False)),
     )
     if retried:
         summary["metrics"]["retried_errors"] = retried

@@ -1,9 +1,9 @@
 """A policy that replies from a script: a real PolicyRole object standing in for the model.
 
-It serves the code workflows' conversations (plansearch, ideasearch, repeated sampling) with
-fixed replies chosen by the stage a conversation belongs to, and logs every call (the
-conversations, temperature, samples and keys), so tests can check each stage's conversation
-structure and the number of batched calls. Token ids are indices into its table of
+It serves the code workflows' conversations (plansearch, ideasearch, repeated sampling, and the
+idea-diversity judge) with fixed replies chosen by the stage a conversation belongs to, and logs
+every call (the conversations, temperature, samples, keys and reply budget), so tests can check
+each stage's conversation structure and the number of batched calls. Token ids are indices into its table of
 conversations: nothing here is a model.
 """
 
@@ -24,6 +24,7 @@ class Call:
     temperature: float
     n: int
     keys: list[str]
+    max_new_tokens: int = 0
 
 
 def stage_of(conversation: list[dict]) -> str:
@@ -39,7 +40,8 @@ def stage_of(conversation: list[dict]) -> str:
         return "fix"
     return {P.OBSERVER_SYSTEM: "observe", P.COMBINER_SYSTEM: "combine", P.SKETCH_SYSTEM: "sketch",
             P.COACH_SYSTEM: "critique", P.PSEUDOCODE_SYSTEM: "pseudocode", P.CODER_SYSTEM: "code",
-            P.DIRECT_SYSTEM: "direct", P.IDEA_SYSTEM: "idea"}[system]
+            P.DIRECT_SYSTEM: "direct", P.IDEA_SYSTEM: "idea", P.IDEA_SUMMARY_SYSTEM: "summarize",
+            P.SAME_IDEA_SYSTEM: "same_idea"}[system]
 
 
 @dataclass
@@ -63,7 +65,7 @@ class ScriptedPolicy:
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams, keys: list[str]) -> list[list[Completion]]:
         conversations = [self.table[ids[0]] for ids in prompt_ids]
-        self.calls.append(Call(conversations, params.temperature, params.n, list(keys)))
+        self.calls.append(Call(conversations, params.temperature, params.n, list(keys), params.max_new_tokens))
         out = []
         for conversation, key in zip(conversations, keys, strict=True):
             texts = [self.reply(conversation, params.temperature, key, j) for j in range(params.n)]

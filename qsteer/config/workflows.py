@@ -156,7 +156,22 @@ class DVTSConfig(StepSearchConfig):
 
 
 @dataclass(frozen=True)
-class RepeatedSamplingConfig(WorkflowConfig):
+class CodeSearchConfig(WorkflowConfig):
+    """What the code workflows share: the diversity measures reported beside pass@k."""
+
+    vendi: bool = True
+    """Report `metrics.vendi`, the mean per-problem Vendi score of the candidates' code (cosine kernel of
+    all-MiniLM-L6-v2 embeddings; the orchestrator loads that 90 MB model for the summary)."""
+    idea_diversity: bool = False
+    """Report `metrics.idea_diversity`, PlanSearch's idea-level diversity: the policy back-translates each
+    program into its idea and judges every pair "same idea?" at temperature 0 (costs 1 + (m - 1) / 2
+    generations per program for m programs; the judge's tokens are kept apart from the method's)."""
+    idea_diversity_codes: Annotated[int, Range(2)] = 25
+    """Programs per problem the idea judge considers (a seeded shuffle's first ones; the reference's 25)."""
+
+
+@dataclass(frozen=True)
+class RepeatedSamplingConfig(CodeSearchConfig):
     """Repeated sampling for code: `n` programs per problem, asked for directly (PlanSearch's baseline)."""
 
     name: Literal["repeated_sampling"] = "repeated_sampling"
@@ -166,7 +181,7 @@ class RepeatedSamplingConfig(WorkflowConfig):
 
 
 @dataclass(frozen=True)
-class IdeaSearchConfig(WorkflowConfig):
+class IdeaSearchConfig(CodeSearchConfig):
     """IdeaSearch: a plain-language sketch, then a program from it, `n` times per problem."""
 
     name: Literal["ideasearch"] = "ideasearch"
@@ -176,7 +191,7 @@ class IdeaSearchConfig(WorkflowConfig):
 
 
 @dataclass(frozen=True)
-class PlanSearchConfig(WorkflowConfig):
+class PlanSearchConfig(CodeSearchConfig):
     """PlanSearch (Wang et al., 2024): observations, their subsets, sketches, fixes, pseudocode, code."""
 
     name: Literal["plansearch"] = "plansearch"
@@ -198,7 +213,7 @@ class PlanSearchConfig(WorkflowConfig):
 
 
 @dataclass(frozen=True)
-class PGTDConfig(WorkflowConfig):
+class PGTDConfig(CodeSearchConfig):
     """PG-TD (Zhang et al., 2023): MCTS over tokens, the policy's top-k as expansion, greedy rollouts
     scored by the share of public tests passed."""
 

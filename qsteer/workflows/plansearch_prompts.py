@@ -25,6 +25,10 @@ Ablations: `code_from_sketch` (no pseudocode; also IdeaSearch's code step) and
 `code_from_observations` (no sketch). Baselines: `repeated_sampling` (code directly, two
 worked examples) and `idea_sketch` (IdeaSearch's sketch, after two worked sketches).
 
+The judge of idea-level diversity (the reference's `search/scripts/check_similar.py`):
+`idea_summary` back-translates a program into the idea behind it, and `same_idea` shows two
+programs with their ideas and asks for "Yes." or "No." (parsed by `metrics.idea_diversity`).
+
 The worked examples are short problems written for qsteer, so that a small model's context
 holds them: the reference's are LiveCodeBench problems of a few hundred tokens each.
 """
@@ -49,9 +53,11 @@ __all__ = [
     "first_observations",
     "follow_up",
     "idea_sketch",
+    "idea_summary",
     "problem_of",
     "pseudocode",
     "repeated_sampling",
+    "same_idea",
     "second_observations",
     "sketch",
 ]
@@ -381,3 +387,41 @@ def idea_sketch(problem: Problem) -> Conversation:
         "so consider simple but unusual approaches beyond your usual ones; that matters most."
     )
     return _chat(IDEA_SYSTEM, user)
+
+
+# --- the diversity judge (idea-level diversity, not a search stage) ---------------------------
+
+IDEA_SUMMARY_SYSTEM = (
+    "You are a skilled Python programmer. You will read a programming problem and a program "
+    "written for it, and explain in plain language, like an editorial, how the program works "
+    "and the idea it is built on. Do not write any code."
+)
+
+
+def idea_summary(problem: Problem, code: str) -> Conversation:
+    """Back-translation: ask for the idea behind one candidate program, in plain language."""
+    user = (
+        f"The programming problem:\n\n{problem.statement}\n\n"
+        f"A program written to solve it:\n\n```python\n{code}\n```\n\n"
+        "Explain at a high level, in plain language, how this program works and the idea behind it."
+    )
+    return _chat(IDEA_SUMMARY_SYSTEM, user)
+
+
+SAME_IDEA_SYSTEM = (
+    "You are a skilled Python programmer. You will read a programming problem and two programs "
+    "that try to solve it, each followed by a plain-language account of its idea, and say whether "
+    "the two programs are built on the same idea. Answer with 'Yes.' or 'No.' and nothing else."
+)
+
+
+def same_idea(problem: Problem, code_a: str, idea_a: str, code_b: str, idea_b: str) -> Conversation:
+    """Ask whether two candidates (each with its back-translated idea) share the same idea."""
+    user = (
+        f"The programming problem:\n\n{problem.statement}\n\n"
+        f"The first program, then its idea:\n\n```python\n{code_a}\n```\n\n{idea_a}\n\n"
+        f"The second program, then its idea:\n\n```python\n{code_b}\n```\n\n{idea_b}\n\n"
+        "Going by the two accounts of their ideas, do the programs share the same idea? "
+        "Answer 'Yes.' or 'No.' only."
+    )
+    return _chat(SAME_IDEA_SYSTEM, user)
