@@ -102,7 +102,8 @@ def run_methods(args: argparse.Namespace, sandbox, save) -> dict:
         ctx = context(cfg, {"policy": policy, "sandbox": sandbox}, None)
         started = time.perf_counter()
         rows = WORKFLOWS[name].run(records, ctx)  # one batch: every stage is one call over all problems
-        wall = time.perf_counter() - started
+        judge_s = sum(r["stats"].get("judge_s", 0.0) for r in rows)
+        wall = time.perf_counter() - started - judge_s  # the idea judge's time is the measurement's
         generated = sum(r["stats"]["generated_tokens"] for r in rows)
         candidates = [c for r in rows for c in r["candidates"]]
         metrics = code_metrics(rows, vendi=True)

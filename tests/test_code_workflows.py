@@ -270,7 +270,7 @@ def test_idea_judge_leaves_out_empty_programs_and_counts_unclear_replies(run, re
     rows, policy = run(records, "workflow=repeated_sampling", "workflow.n=4", "workflow.idea_diversity=true",
                        replies=replies)
     assert len(policy.calls[1].conversations) == 2 * 3 and len(policy.calls[2].conversations) == 2 * 3
-    by_entry = {r["entry_point"]: r["idea_similarity"] for r in rows}
+    by_entry = {record["entry_point"]: row["idea_similarity"] for record, row in zip(records, rows, strict=True)}
     # neither word: not the same idea, counted as unclear; "No, yes." is read by its first answer
     assert by_entry["reverse_string"] == {"codes": 4, "pairs": 3, "same": 0, "unclear": 3, "similarity": 0.0}
     assert by_entry["sum_of_evens"] == {"codes": 4, "pairs": 3, "same": 0, "unclear": 0, "similarity": 0.0}

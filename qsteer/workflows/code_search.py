@@ -20,8 +20,9 @@ record's reward. The sandbox's own faults (timeouts, kills, memory) are counted 
 With `workflow.idea_diversity`, the policy then judges the candidates' ideas
 (`metrics.idea_diversity`): two more stages, each one batched call at temperature 0 over every
 problem of the batch, a back-translation per considered program, then a "same idea?" verdict
-per pair. They are measurement, not search: their tokens and calls are kept apart
-(`stats.judge_tokens`, `stats.judge_calls`), never in the method's `generated_tokens`.
+per pair. They are measurement, not search: their tokens, calls and time are kept apart
+(`stats.judge_tokens`, `judge_calls`, `judge_s`), never in the method's `generated_tokens`,
+`policy_calls` or `wall_s`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import json
 import os
 import random
 import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -92,6 +94,7 @@ class CodeRun:
             state.setdefault("tokens", {})  # per stage: generated tokens of each reply
         self.too_long = 0
         self.judge_calls = 0
+        self.judge_s = 0.0
 
     def save(self, indices: Sequence[int] | None = None) -> None:
         if self.ctx.stages is None:
@@ -181,7 +184,7 @@ class CodeRun:
         programs = [[extract_code(text).strip() for text in texts] for texts in codes]
         chosen = [considered(len(texts), cfg.idea_diversity_codes, random.Random(f"idea_diversity/{seed}/{r['id']}"))
                   for r, texts in zip(self.records, codes, strict=True)]
-        calls = self.stats.policy_calls
+        calls, started = self.stats.policy_calls, time.perf_counter()
         ideas = self.stage("idea_summary", lambda i, state: [
             (idea_summary(problems[i], programs[i][j]), str(j)) for j in chosen[i] if programs[i][j]
         ], temperature=0.0)
@@ -196,8 +199,12 @@ class CodeRun:
             (same_idea(problems[i], programs[i][a], idea_of[i][a], programs[i][b], idea_of[i][b]), f"{a}-{b}")
             for a, b in pairs[i]
         ], temperature=0.0, max_new_tokens=SAME_IDEA_TOKENS)
+        # the judge's calls and time are the measurement's, not the method's
         self.judge_calls += self.stats.policy_calls - calls
         self.stats.policy_calls = calls
+        elapsed = time.perf_counter() - started
+        self.judge_s += elapsed
+        self.stats.started += elapsed
         for state, row, pair_list in zip(self.states, chosen, pairs, strict=True):
             state["idea_pairs"] = [list(pair) for pair in pair_list]
             state["idea_codes"] = row
@@ -278,6 +285,7 @@ class CodeRun:
             if ideas is not None:
                 stats["judge_tokens"] = sum(sum(state["tokens"].get(name, [])) for name in JUDGE_STAGES)
                 stats["judge_calls"] = round(self.judge_calls / len(self.records), 4)
+                stats["judge_s"] = round(self.judge_s / len(self.records), 4)
             stages = {k: v for k, v in state.items() if k != "tokens"}
             out.append(result(
                 record, candidates[chosen]["text"] if candidates else None,
