@@ -30,6 +30,7 @@ PLANSEARCH = ("workflow=plansearch", "workflow.num_observations=3", "workflow.la
 
 
 @pytest.mark.model
+@pytest.mark.heavy  # minutes: PlanSearch's stages are ten generate calls in turn
 def test_plansearch_candidates_are_more_diverse_than_repeated_samplings(engine, compose, tmp_path):
     roles = {"policy": local_policy(engine), "sandbox": local_sandbox(1, workers=2, timeout_s=5.0)}
     plan = run_job(compose(*PLANSEARCH, *COMMON), tmp_path / "plansearch", roles=roles)
