@@ -4,10 +4,14 @@ The issue's check: on `basic_code` with the default model, at the same number of
 problem and a fixed seed, the mean per-problem Vendi score of PlanSearch's candidates
 (`metrics.vendi` in the run's summary) is above repeated sampling's. Both runs go through
 `run_job` with the real policy (SmolLM2-135M-Instruct, hf engine, in process) and the real
-sandbox; the search is cut to what the claim needs (a few problems, first-order observations
-only, short replies), so it runs in about a minute on a quiet 2-core machine.
+sandbox; the search is cut to what the claim needs (3 problems, 4 programs each, first-order
+observations only, 96-token replies): about ten generate calls in turn for PlanSearch, one for
+repeated sampling.
 
-Margins measured while sizing it (docs/plansearch.md): see MARGIN below.
+Not yet seen to pass: in the session that wrote it the shared machine's load (8-20) gave the
+run a tenth of a core and it ran past pytest's 15-minute limit inside PlanSearch's observation
+tree. MARGIN is therefore a guess to be set from measured seeds (docs/plansearch.md, "The
+Vendi check"); repeated sampling's score at n = 10 on the same problems was 1.91 of 10.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from qsteer.run import run_job
 
 PROBLEMS = 3
 N = 4
-MARGIN = 0.3  # Vendi points; the smallest gap over seeds 0-2 was well above it (docs/plansearch.md)
+MARGIN = 0.3  # Vendi points out of N; unmeasured so far (see the module docstring)
 COMMON = ("dataset=basic_code", f"dataset.limit={PROBLEMS}", f"workflow.n={N}", "generation.max_new_tokens=96",
           "generation.temperature=0.7", "generation.top_p=0.95", "seed=0")
 PLANSEARCH = ("workflow=plansearch", "workflow.num_observations=3", "workflow.layers=1")
@@ -31,6 +35,7 @@ PLANSEARCH = ("workflow=plansearch", "workflow.num_observations=3", "workflow.la
 
 @pytest.mark.model
 @pytest.mark.heavy  # minutes: PlanSearch's stages are ten generate calls in turn
+@pytest.mark.timeout(3600)
 def test_plansearch_candidates_are_more_diverse_than_repeated_samplings(engine, compose, tmp_path):
     roles = {"policy": local_policy(engine), "sandbox": local_sandbox(1, workers=2, timeout_s=5.0)}
     plan = run_job(compose(*PLANSEARCH, *COMMON), tmp_path / "plansearch", roles=roles)
