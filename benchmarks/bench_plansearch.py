@@ -207,6 +207,9 @@ def markdown(result: dict) -> str:
                      f"{m['sample_pass_rate']} | {m['problems_solved']}/{m['problems']} | {m['selected_pass_rate']} | "
                      f"{curve[0] if m.get('pass_at_k') else '-'} | {at_n} | "
                      f"{public[0] if m.get('pass_at_k') else '-'} | {m.get('vendi')} | {m.get('idea_diversity', '-')} |")
+    missing = [name for name in a["methods"].split(",") if name not in result["methods"]]
+    if missing:
+        lines += ["", f"Did not finish (the run was stopped before them): {', '.join(missing)}."]
     matched = result.get("compute_matched") or {}
     if matched:
         lines += ["", f"Compute-matched at repeated sampling's budget ({matched['budget_tokens_per_problem']} "
