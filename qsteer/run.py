@@ -41,7 +41,7 @@ from qsteer.cluster.placement import (
     reserve,
     role_demands,
 )
-from qsteer.config import ConfigError, check_config, speculative_config
+from qsteer.config import ConfigError, JobConfig, check_config, speculative_config
 from qsteer.data import DatasetError, load_dataset
 from qsteer.engines import SamplingParams
 from qsteer.models import ModelNotFoundError, resolve_model_path
@@ -79,7 +79,7 @@ def run_job(cfg: DictConfig, out_dir: str | Path, roles: dict[str, Any] | None =
     if local is not None:
         local.mkdir(parents=True, exist_ok=True)
     with lock_run_folder(local) if local is not None else nullcontext():
-        return _run_in(folder, cfg, records, roles, started, job.cluster.placement, local)
+        return _run_in(folder, cfg, records, roles, started, job, local)
 
 
 def sharded_layout(cfg: DictConfig) -> bool:
@@ -88,14 +88,12 @@ def sharded_layout(cfg: DictConfig) -> bool:
     return cfg.dataset.name == "files" or "://" in str(cfg.get("output_dir") or "")
 
 
-def _run_in(folder: RunFolder | Path, cfg: DictConfig, records: list[dict] | FileRecords,
-            roles: dict[str, Any] | None, started: float, placement: tuple = (),
-            work_dir: Path | None = None) -> dict[str, Any]:
-    if not isinstance(folder, RunFolder):
-        folder, work_dir = RunFolder(folder), Path(folder)
-    out_dir = work_dir  # stage files and trained models: a local folder, or none
+def _run_in(folder: RunFolder, cfg: DictConfig, records: list[dict] | FileRecords, roles: dict[str, Any] | None,
+            started: float, job: JobConfig, out_dir: Path | None) -> dict[str, Any]:
+    """`out_dir`: the local folder for stage files and trained models, or none (a URL output alone)."""
+    placement = job.cluster.placement
     if sharded_layout(cfg) or folder.local is None:
-        results = ShardedResults(folder, cfg.get("shard_records", 10_000), cfg.get("shard_flush_s", 60.0))
+        results = ShardedResults(folder, job.shard_records, job.shard_flush_s)
     else:
         results = ResultsFile(folder.local / "results.jsonl")
     resolved = OmegaConf.to_container(cfg, resolve=True)
